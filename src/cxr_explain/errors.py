@@ -1,0 +1,23 @@
+"""User-facing errors.
+
+Every problem a user can cause (a bad file, a missing column, an unknown layer, an unsupported
+architecture) raises :class:`CxrExplainError` with a one-line message that names the file / column /
+layer and says what to do. The CLI prints the message and exits with status 2, without a traceback.
+"""
+from __future__ import annotations
+
+
+class CxrExplainError(Exception):
+    """An error caused by user input; its message is one line, fit to show as is."""
+
+
+class UnsupportedOpError(CxrExplainError):
+    """A traced model contains an operation that no rule of the chosen method handles."""
+
+
+class DataError(CxrExplainError):
+    """A data file (image, table, DICOM) is missing, unreadable or malformed."""
+
+
+class CheckpointError(CxrExplainError):
+    """A checkpoint cannot be loaded strictly into the requested architecture."""
