@@ -1,0 +1,323 @@
+"""Localisation metrics on hand-computed cases (specs/evaluation.md §1-3, §6)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import average_precision_score
+from skimage.filters import threshold_otsu
+
+from cxr_explain.data.types import Box
+from cxr_explain.errors import CxrExplainError
+from cxr_explain.metrics.localization import (
+    PAPER_THRESHOLDS,
+    auprc,
+    bootstrap_mean_ci,
+    hit,
+    iou_at_thresholds,
+    localization_scores,
+    normalize_map,
+    otsu_iou,
+    otsu_threshold,
+    rank_accuracy,
+    region_shares,
+    relevance_mass,
+)
+
+
+def box_mask(y0, y1, x0, x1, shape=(32, 32)):
+    m = np.zeros(shape, dtype=bool)
+    m[y0:y1, x0:x1] = True
+    return m
+
+
+# ---------------------------------------------------------------- normalize_map
+def test_normalize_clips_negatives_and_divides_by_positive_max():
+    h = np.array([[-10.0, 0.0], [2.0, 4.0]])
+    np.testing.assert_allclose(normalize_map(h), [[0, 0], [0.5, 1.0]])
+
+
+def test_normalize_all_zero_or_all_negative_stays_zero():
+    assert not normalize_map(np.zeros((5, 5))).any()
+    out = normalize_map(-np.ones((5, 5)))
+    assert out.shape == (5, 5) and not out.any()
+
+
+def test_normalize_bilinear_is_align_corners_false():
+    # 2 -> 4 with align_corners=False: sample points at -0.25, 0.25, 0.75, 1.25 (clamped)
+    h = np.array([[0.0, 1.0], [0.0, 1.0]])
+    out = normalize_map(h, resize_to=(4, 4))
+    np.testing.assert_allclose(out[0], [0.0, 0.25, 0.75, 1.0])
+    nearest = normalize_map(h, resize_to=(4, 4), mode="nearest")
+    np.testing.assert_allclose(nearest[0], [0, 0, 1, 1])
+
+
+def test_normalize_resize_happens_before_clipping():
+    # negative neighbours pull the interpolated values down before the clip
+    h = np.array([[-1.0, 1.0]])
+    out = normalize_map(h, resize_to=(1, 4))
+    # raw interpolation: [-1, -0.5, 0.5, 1] -> clip -> [0, 0, .5, 1]
+    np.testing.assert_allclose(out[0], [0, 0, 0.5, 1.0])
+
+
+def test_7x7_map_upsampled_to_224_keeps_max_location():
+    rng = np.random.default_rng(3)
+    for _ in range(5):
+        h = rng.random((7, 7))
+        r, c = np.unravel_index(np.argmax(h), h.shape)
+        up = normalize_map(h, resize_to=(224, 224))
+        ur, uc = np.unravel_index(np.argmax(up), up.shape)
+        assert ur // 32 == r and uc // 32 == c
+        assert up.max() == pytest.approx(1.0)
+
+
+def test_normalize_accepts_torch_and_rejects_3d():
+    out = normalize_map(torch.tensor([[[1.0, 3.0]]]))
+    np.testing.assert_allclose(out, [[1 / 3, 1.0]], rtol=1e-6)
+    with pytest.raises(CxrExplainError):
+        normalize_map(np.zeros((3, 4, 4)))
+    with pytest.raises(CxrExplainError, match="resize mode"):
+        normalize_map(np.zeros((4, 4)), resize_to=(8, 8), mode="cubic-spline")
+
+
+# ---------------------------------------------------------------- IoU
+def test_map_equal_to_box_scores_one_everywhere():
+    gt = box_mask(4, 12, 6, 20)
+    row = localization_scores(gt * 0.7, gt)
+    for t in PAPER_THRESHOLDS:
+        assert row[f"iou@{t:g}"] == 1.0
+    assert row["iou_otsu"] == 1.0
+    assert row["hit"] == 1.0 and row["mass"] == 1.0 and row["rank_acc"] == 1.0
+    assert row["auprc"] == pytest.approx(1.0)
+
+
+def test_map_outside_box_scores_zero():
+    gt = box_mask(4, 12, 6, 20)
+    h = box_mask(20, 30, 0, 10).astype(float)
+    row = localization_scores(h, gt)
+    assert all(row[f"iou@{t:g}"] == 0.0 for t in PAPER_THRESHOLDS)
+    assert row["hit"] == 0.0 and row["mass"] == 0.0 and row["rank_acc"] == 0.0
+    # recall stays 0 at T = 1; at T = 0 every pixel is selected: precision = base rate
+    assert row["auprc"] == pytest.approx(gt.sum() / gt.size)
+
+
+def test_half_overlap_is_one_third():
+    # box: columns 0..8, region: columns 4..12, same rows -> inter 4 cols, union 12 cols
+    gt = box_mask(0, 10, 0, 8)
+    h = box_mask(0, 10, 4, 12).astype(float)
+    np.testing.assert_allclose(iou_at_thresholds(h, gt), [1 / 3] * 5)
+
+
+def test_threshold_sweep_hand_case():
+    # a peak (value 1) on 4 box pixels, a plateau (0.25) on 12 other box pixels + 16 outside
+    gt = box_mask(0, 4, 0, 4, shape=(8, 8))  # 16 px
+    h = np.zeros((8, 8))
+    h[0:2, 0:2] = 1.0  # 4 px, inside
+    h[2:4, 0:4] = 0.25  # 8 px inside
+    h[0:2, 2:4] = 0.25  # 4 px inside
+    h[4:8, 0:4] = 0.25  # 16 px outside
+    ious = iou_at_thresholds(normalize_map(h), gt, (0.1, 0.2, 0.3))
+    # T <= 0.2: region 32 px, inter 16, union 32; T = 0.3: region 4 px, inter 4, union 16
+    np.testing.assert_allclose(ious, [0.5, 0.5, 0.25])
+
+
+def test_all_zero_map_zero_or_nan():
+    gt = box_mask(2, 8, 2, 8)
+    h = np.zeros((32, 32))
+    assert (iou_at_thresholds(h, gt) == 0).all()
+    assert np.isnan(iou_at_thresholds(h, gt, empty_region="nan")).all()
+    row = localization_scores(h, gt, empty_region="nan")
+    assert math.isnan(row["iou@0.3"]) and math.isnan(row["iou_otsu"])
+    assert row["hit"] == 0.0 and row["mass"] == 0.0 and row["rank_acc"] == 0.0
+    with pytest.raises(CxrExplainError, match="empty_region"):
+        iou_at_thresholds(h, gt, empty_region="skip")
+
+
+def test_empty_region_nan_only_where_region_is_empty():
+    gt = box_mask(0, 4, 0, 4, shape=(8, 8))
+    h = np.zeros((8, 8))
+    h[0, 0] = 0.3  # not normalised on purpose: region empty for T >= 0.3
+    out = iou_at_thresholds(h, gt, (0.1, 0.2, 0.3, 0.4), empty_region="nan")
+    np.testing.assert_allclose(out[:2], [1 / 16, 1 / 16])
+    assert np.isnan(out[2:]).all()
+
+
+def test_negative_values_are_ignored():
+    gt = box_mask(4, 12, 6, 20)
+    h = np.where(gt, 1.0, -50.0)  # large negative outside the box
+    row = localization_scores(h, gt)
+    assert row["iou@0.1"] == 1.0 and row["mass"] == 1.0 and row["hit"] == 1.0
+    assert relevance_mass(h, gt) == 1.0
+
+
+def test_box_at_image_edge():
+    # a box that sticks out of the left and bottom border is clipped by Box.to_mask
+    box = Box("Effusion", x=-5.0, y=20.0, w=12.0, h=30.0)
+    gt = box.to_mask(32, 32)
+    assert gt[20:32, 0:7].all() and gt.sum() == 12 * 7
+    h = np.zeros((32, 32))
+    h[20:, :7] = 1.0
+    row = localization_scores(h, gt)
+    assert row["iou@0.5"] == 1.0 and row["hit"] == 1.0
+    # a heatmap filling the corner pixel only
+    h2 = np.zeros((32, 32))
+    h2[31, 0] = 1.0
+    assert iou_at_thresholds(h2, gt, (0.5,))[0] == pytest.approx(1 / 84)
+
+
+def test_empty_ground_truth_is_nan():
+    gt = np.zeros((16, 16), bool)
+    h = np.ones((16, 16))
+    assert np.isnan(iou_at_thresholds(h, gt)).all()
+    assert math.isnan(hit(h, gt)) and math.isnan(relevance_mass(h, gt))
+    assert math.isnan(rank_accuracy(h, gt)) and math.isnan(auprc(h, gt))
+
+
+def test_two_boxes_of_different_findings_evaluated_separately():
+    size = (64, 64)
+    mass = Box("Mass", 4, 4, 16, 16)
+    nod = Box("Nodule", 40, 40, 8, 8)
+    m_mass, m_nod = mass.to_mask(*size), nod.to_mask(*size)
+    h_mass = m_mass.astype(float)  # a map for the Mass logit that points at the Mass box
+    h_nod = np.zeros(size)
+    h_nod[40:48, 44:52] = 1.0  # half of the Nodule box, shifted right by 4
+    r_mass = localization_scores(h_mass, m_mass)
+    r_nod = localization_scores(h_nod, m_nod)
+    assert r_mass["iou@0.1"] == 1.0
+    assert r_nod["iou@0.1"] == pytest.approx(32 / 96)
+    # each map scored against the other finding's box gives 0
+    assert localization_scores(h_mass, m_nod)["iou@0.1"] == 0.0
+    assert localization_scores(h_nod, m_mass)["iou@0.1"] == 0.0
+
+
+def test_localization_scores_resizes_to_original_size():
+    gt = Box("Mass", 256, 512, 256, 256).to_mask(1024, 1024)
+    h = np.zeros((4, 4))
+    h[2, 1] = 1.0  # the cell that covers [512, 768) x [256, 512)
+    row = localization_scores(h, gt, thresholds=(0.1, 0.5))
+    assert set(row) == {"iou@0.1", "iou@0.5", "otsu_t", "iou_otsu", "hit", "mass", "rank_acc", "auprc"}
+    assert row["hit"] == 1.0
+    assert 0.4 < row["iou@0.5"] <= 1.0
+    with pytest.raises(CxrExplainError, match="shape"):
+        iou_at_thresholds(h, gt)
+
+
+# ---------------------------------------------------------------- Otsu
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_otsu_matches_skimage_within_one_bin(seed):
+    rng = np.random.default_rng(seed)
+    h = np.concatenate([rng.normal(0.2, 0.05, 3000), rng.normal(0.7, 0.1, 1000 + 500 * seed)])
+    h = normalize_map(np.clip(h, 0, None).reshape(-1, 50))
+    width = (h.max() - h.min()) / 256
+    assert abs(otsu_threshold(h) - threshold_otsu(h)) <= width + 1e-9
+    assert 0.3 < otsu_threshold(h) < 0.6
+
+
+def test_otsu_on_normalised_cam_like_map():
+    rng = np.random.default_rng(7)
+    h = normalize_map(rng.random((7, 7)) ** 3, resize_to=(128, 128))
+    assert abs(otsu_threshold(h) - threshold_otsu(h)) <= 1 / 256 + 1e-9
+
+
+def test_otsu_iou_separates_two_levels():
+    gt = box_mask(0, 8, 0, 8, shape=(16, 16))
+    h = np.full((16, 16), 0.1)
+    h[gt] = 0.9
+    assert 0.1 <= otsu_threshold(h) < 0.9
+    assert otsu_iou(h, gt) == 1.0
+    assert otsu_threshold(np.full((4, 4), 0.5)) == 0.5
+
+
+# ---------------------------------------------------------------- hit / mass / rank / AUPRC
+def test_hit_hand_cases():
+    gt = box_mask(0, 2, 0, 2, shape=(4, 4))
+    h = np.zeros((4, 4))
+    h[1, 1] = 2.0
+    h[3, 3] = 1.0
+    assert hit(h, gt) == 1.0
+    h[3, 3] = 3.0
+    assert hit(h, gt) == 0.0
+    assert hit(np.zeros((4, 4)), gt) == 0.0  # all-zero map points nowhere
+    assert hit(-np.ones((4, 4)), gt) == 0.0
+
+
+def test_relevance_mass_hand_case():
+    gt = box_mask(0, 2, 0, 2, shape=(4, 4))
+    h = np.zeros((4, 4))
+    h[0, 0], h[1, 1], h[3, 3], h[2, 2] = 3.0, 1.0, 4.0, -10.0
+    assert relevance_mass(h, gt) == pytest.approx(4.0 / 8.0)
+    assert relevance_mass(-np.ones((4, 4)), gt) == 0.0
+
+
+def test_rank_accuracy_hand_cases():
+    gt = np.zeros((2, 4), bool)
+    gt[0, 0] = gt[0, 2] = True  # K = 2
+    h = np.array([[3.0, 2.0, 2.0, 0.0], [0.0, 0.0, 1.0, 0.0]])
+    # top-1 = 3 (inside); the 2nd slot is shared by two 2.0s, one inside -> 1 + 1/2
+    assert rank_accuracy(h, gt) == pytest.approx(0.75)
+    h2 = np.array([[3.0, 0.0, 2.0, 0.0], [0.0, 0.0, 1.0, 0.0]])
+    assert rank_accuracy(h2, gt) == 1.0
+    h3 = np.array([[0.0, 5.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])  # one positive pixel, outside
+    assert rank_accuracy(h3, gt) == 0.0
+    h4 = np.array([[5.0, 0.0, -1.0, 0.0], [0.0, 0.0, 0.0, 0.0]])  # one positive, inside; K = 2
+    assert rank_accuracy(h4, gt) == 0.5
+
+
+@pytest.mark.parametrize("levels", [None, 5])
+def test_auprc_matches_sklearn(levels):
+    rng = np.random.default_rng(11)
+    gt = rng.random((40, 40)) > 0.8
+    h = rng.random((40, 40)) + 0.3 * gt
+    if levels:  # many ties
+        h = np.round(h * levels)
+    assert auprc(h, gt) == pytest.approx(average_precision_score(gt.ravel(), h.ravel()), abs=1e-12)
+
+
+def test_auprc_perfect_and_worst():
+    gt = box_mask(0, 4, 0, 4, shape=(8, 8))
+    assert auprc(gt * 1.0 + 0.1, gt) == pytest.approx(1.0)
+    # positives ranked strictly last: precision k / (48 + k) at each of the 16 recall steps
+    worst = auprc(np.where(gt, 0.0, 1.0) + np.arange(64).reshape(8, 8) * 1e-3 * gt, gt)
+    expected = np.mean([k / (48 + k) for k in range(1, 17)])
+    assert worst == pytest.approx(expected)
+
+
+# ---------------------------------------------------------------- region shares
+def test_region_shares_hand_case_and_sum():
+    lung = box_mask(0, 8, 0, 8, shape=(10, 10))
+    lesion = box_mask(0, 2, 0, 2, shape=(10, 10))
+    lesion[9, 9] = True  # a lesion pixel outside the lung mask counts as lesion
+    h = np.zeros((10, 10))
+    h[0, 0] = 2.0  # lesion
+    h[9, 9] = 1.0  # lesion (outside lung)
+    h[5, 5] = 3.0  # lung, not lesion
+    h[9, 0] = 4.0  # outside lungs
+    h[0, 1] = -7.0  # negative: ignored
+    shares = region_shares(h, lesion, lung)
+    np.testing.assert_allclose(shares, [0.3, 0.3, 0.4])
+    rng = np.random.default_rng(0)
+    s = region_shares(rng.normal(size=(10, 10)), lesion, lung)
+    assert sum(s) == pytest.approx(1.0) and min(s) >= 0
+    assert all(math.isnan(v) for v in region_shares(-np.ones((10, 10)), lesion, lung))
+
+
+# ---------------------------------------------------------------- bootstrap
+def test_bootstrap_ci_brackets_mean_and_drops_nan():
+    rng = np.random.default_rng(5)
+    v = rng.normal(0.5, 0.2, 200)
+    mean, lo, hi = bootstrap_mean_ci(np.r_[v, np.nan, np.nan], n_boot=2000, seed=1)
+    assert mean == pytest.approx(v.mean())
+    assert lo < mean < hi
+    se = v.std(ddof=1) / np.sqrt(v.size)  # normal-theory half-width ~ 1.96 se
+    assert (hi - lo) / 2 == pytest.approx(1.96 * se, rel=0.15)
+    assert bootstrap_mean_ci(v, seed=1) == bootstrap_mean_ci(v, seed=1)
+    assert all(math.isnan(x) for x in bootstrap_mean_ci([np.nan]))
+    assert bootstrap_mean_ci([0.25]) == (0.25, 0.25, 0.25)
+
+
+def test_bootstrap_large_input_in_chunks():
+    v = np.random.default_rng(0).random(50_000)  # forces several chunks
+    mean, lo, hi = bootstrap_mean_ci(v, n_boot=300, seed=0)
+    assert lo < mean < hi and hi - lo < 0.02
