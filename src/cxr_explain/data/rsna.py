@@ -1,0 +1,196 @@
+"""RSNA Pneumonia Detection Challenge: labels CSV, class info, DICOM folder, the dataset.
+
+Layout under ``root``: ``stage_2_train_labels.csv`` (``patientId,x,y,width,height,Target``; one
+row per box, or one row with empty coordinates and ``Target=0``), optional
+``stage_2_detailed_class_info.csv`` (``patientId,class``), optional ``split.csv``
+(``patientId,split``), images ``stage_2_train_images/<patientId>.dcm`` (``.png``/``.jpg`` copies
+are accepted too).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+
+from ..errors import DataError
+from .folder import SampleDataset, _to_float, patient_split, read_csv_table
+from .images import IMAGE_EXTENSIONS
+from .labels import RSNA_FINDINGS, check_labels
+from .nih import SPLITS, read_split_csv
+from .types import Box, Sample
+
+__all__ = ["read_rsna_labels", "read_rsna_class_info", "RSNADataset", "RSNA_CLASSES"]
+
+PathLike = Union[str, Path]
+RSNA_CLASSES = ("Lung Opacity", "No Lung Opacity / Not Normal", "Normal")
+BOX_FINDING = "Pneumonia"
+
+
+def read_rsna_labels(
+    csv_path: PathLike, image_size: Union[int, tuple[int, int], None] = 1024
+) -> tuple[dict[str, int], dict[str, list[Box]]]:
+    """``stage_2_train_labels.csv`` → ``({patientId: Target}, {patientId: [Box('Pneumonia', ...)]})``.
+
+    Patient order follows the file. Raises DataError (file + line) for a missing column, a Target
+    other than 0/1, a positive row without coordinates, a negative row with coordinates, a patient
+    with both targets, or a box outside the ``image_size`` image / with non-positive size.
+    """
+    p = Path(csv_path)
+    cols = ["patientId", "x", "y", "width", "height", "Target"]
+    df = read_csv_table(p, required=cols)
+    if isinstance(image_size, int):
+        size_w = size_h = image_size
+    elif image_size is None:
+        size_w = size_h = None
+    else:
+        size_w, size_h = image_size
+    targets: dict[str, int] = {}
+    boxes: dict[str, list[Box]] = {}
+    for k, rec in enumerate(zip(*(df[c] for c in cols))):
+        line = k + 2
+        pid = rec[0].strip()
+        if not pid:
+            raise DataError(f"{p} (line {line}): empty patientId")
+        t = rec[5].strip()
+        if t not in ("0", "1", "0.0", "1.0"):
+            raise DataError(f"{p} (line {line}): Target must be 0 or 1, got {t!r}")
+        target = int(float(t))
+        if pid in targets and targets[pid] != target:
+            raise DataError(f"{p} (line {line}): patient {pid} has rows with Target 0 and Target 1")
+        targets[pid] = target
+        coords = [v.strip() for v in rec[1:5]]
+        if target == 0:
+            if any(coords):
+                raise DataError(f"{p} (line {line}): Target=0 row for {pid} has box coordinates; clear them")
+            boxes.setdefault(pid, [])
+            continue
+        if not all(coords):
+            raise DataError(f"{p} (line {line}): Target=1 row for {pid} lacks box coordinates")
+        x, y, w, h = (_to_float(v, p, line, c) for v, c in zip(coords, cols[1:5]))
+        if w <= 0 or h <= 0:
+            raise DataError(f"{p} (line {line}): box for {pid} has non-positive size width={w}, height={h}")
+        if x < 0 or y < 0 or (size_w is not None and (x + w > size_w + 1e-3 or y + h > size_h + 1e-3)):
+            raise DataError(
+                f"{p} (line {line}): box for {pid} (x={x:g}, y={y:g}, width={w:g}, height={h:g}) lies "
+                f"outside the {size_w}x{size_h} image; fix the row or pass the right image_size"
+            )
+        boxes.setdefault(pid, []).append(Box(BOX_FINDING, x, y, w, h))
+    return targets, boxes
+
+
+def read_rsna_class_info(csv_path: PathLike) -> dict[str, str]:
+    """``stage_2_detailed_class_info.csv`` (``patientId,class``) → ``{patientId: class}``;
+    DataError for an unknown class or a patient with two different classes."""
+    p = Path(csv_path)
+    df = read_csv_table(p, required=["patientId", "class"])
+    out: dict[str, str] = {}
+    for k, (pid, cls) in enumerate(zip(df["patientId"], df["class"])):
+        pid, cls = pid.strip(), cls.strip()
+        check_labels([cls], known=RSNA_CLASSES, source=p, where=f"line {k + 2}")
+        if out.get(pid, cls) != cls:
+            raise DataError(f"{p} (line {k + 2}): patient {pid} has classes {out[pid]!r} and {cls!r}")
+        out[pid] = cls
+    return out
+
+
+def _find_images(folder: Path) -> dict[str, Path]:
+    """``{patientId: path}`` for ``<patientId>.dcm`` (preferred) / ``.png`` / ``.jpg`` in ``folder``."""
+    rank = {".dcm": 0, ".dicom": 1, ".png": 2, ".jpg": 3, ".jpeg": 4}
+    out: dict[str, Path] = {}
+    if not folder.is_dir():
+        return out
+    for e in os.scandir(folder):
+        stem, ext = os.path.splitext(e.name)
+        ext = ext.lower()
+        if ext in IMAGE_EXTENSIONS and (stem not in out or rank[ext] < rank[out[stem].suffix.lower()]):
+            out[stem] = Path(e.path)
+    return out
+
+
+class RSNADataset(SampleDataset):
+    """RSNA Pneumonia as :class:`Sample` s: labels = ``[Target]`` per name in ``findings``
+    (``"Pneumonia"`` and/or ``"Lung Opacity"``), boxes with finding ``"Pneumonia"``.
+
+    ``split``: ``"train"`` / ``"val"`` from ``split.csv`` when present, else a deterministic
+    patient-level split (stratified by Target) with ``val_fraction`` and ``seed``
+    (:func:`~cxr_explain.data.folder.patient_split`); ``"test"`` only from ``split.csv``;
+    None = all. Patients without an image file are left out and listed in ``missing``.
+    """
+
+    name = "RSNA dataset"
+
+    def __init__(
+        self,
+        root: PathLike,
+        split: Optional[str] = "train",
+        seed: int = 0,
+        val_fraction: float = 0.1,
+        findings: Sequence[str] = ("Pneumonia",),
+        *,
+        labels_csv: Optional[PathLike] = None,
+        class_info_csv: Optional[PathLike] = None,
+        split_csv: Optional[PathLike] = None,
+        images_dir: Optional[PathLike] = None,
+        image_size: Union[int, tuple[int, int], None] = 1024,
+    ):
+        root = Path(root)
+        if not root.is_dir():
+            raise DataError(f"{root}: RSNA dataset folder not found")
+        self.root = root
+        self.name = f"RSNA dataset at {root}"
+        findings = tuple(check_labels(findings, known=RSNA_FINDINGS, source="RSNADataset", where="findings="))
+        lab_path = Path(labels_csv) if labels_csv else root / "stage_2_train_labels.csv"
+        if not lab_path.is_file():
+            raise DataError(f"{lab_path}: RSNA labels CSV not found; pass labels_csv= with its path")
+        targets, boxes = read_rsna_labels(lab_path, image_size=image_size)
+        ci_path = Path(class_info_csv) if class_info_csv else root / "stage_2_detailed_class_info.csv"
+        self.class_info: dict[str, str] = read_rsna_class_info(ci_path) if ci_path.is_file() else {}
+        for pid, cls in self.class_info.items():
+            if pid in targets and (cls == "Lung Opacity") != (targets[pid] == 1):
+                raise DataError(f"{ci_path}: patient {pid} is {cls!r} but its Target is {targets[pid]}")
+
+        ids = list(targets)
+        missing_rows: list[str] = []
+        if split is None:
+            keep = set(ids)
+        else:
+            split = str(split).lower()
+            if split not in SPLITS:
+                raise DataError(f"{root}: split={split!r} must be one of train, val, test or None")
+            sc = Path(split_csv) if split_csv else root / "split.csv"
+            if sc.is_file():
+                df_cols = read_csv_table(sc).columns
+                table = read_split_csv(sc, "patientId" if "patientId" in df_cols else "Image Index")
+                chosen = [k for k, v in table.items() if v == split]
+                missing_rows = [k for k in chosen if k not in targets]
+                keep = set(chosen) & set(ids)
+            elif split == "test":
+                raise DataError(f"{root}: split='test' needs a split.csv (patientId,split); RSNA stage 2 "
+                                "test labels were never released")
+            else:
+                val = patient_split(ids, ids, val_fraction, seed, strata=[targets[i] for i in ids])
+                keep = val if split == "val" else set(ids) - val
+
+        img_dir = Path(images_dir) if images_dir else root / "stage_2_train_images"
+        files = _find_images(img_dir)
+        if not files:
+            raise DataError(f"{img_dir}: no images found; expected <patientId>.dcm files (pass images_dir=)")
+        samples: list[Sample] = []
+        missing: list[str] = []
+        for pid in ids:
+            if pid not in keep:
+                continue
+            path = files.get(pid)
+            if path is None:
+                missing.append(pid)
+                continue
+            vec = np.full(len(findings), float(targets[pid]), dtype=np.float32)
+            samples.append(Sample(pid, path, vec, boxes=list(boxes.get(pid, [])), patient_id=pid))
+        super().__init__(findings, samples)
+        self.split = split
+        self.missing = missing
+        self.missing_rows = missing_rows
+        self._report("patients have no image file and are left out", missing, self.name)
+        self._report("patients in split.csv have no labels row", missing_rows, lab_path)
