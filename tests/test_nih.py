@@ -293,3 +293,13 @@ def test_dataset_errors_name_the_problem(tmp_path):
         NIHDataset(root, split="test")
     assert "split" in one_line(e)
     assert sorted(find_nih_images(root)) == sorted(p.name for p in PNGS)
+
+
+@pytest.mark.filterwarnings("ignore:.*have no file")
+def test_dataset_warns_when_a_box_finding_is_not_a_label(tmp_path):
+    root = _layout(tmp_path)
+    with open(root / "BBox_List_2017.csv", "a") as fh:
+        fh.write("00000129_000.png,Mass,1,2,3,4\n")  # a 'No Finding' image
+    with pytest.warns(UserWarning, match=r"1 boxes/masks .*00000129_000.png:Mass"):
+        ds = NIHDataset(root)
+    assert [b.finding for b in ds[ds.index_of("00000129_000.png")].boxes] == ["Mass"]

@@ -383,6 +383,7 @@ class NIHDataset(SampleDataset):
         wanted = set(findings)
         samples: list[Sample] = []
         missing: list[str] = []
+        unlabelled_boxes: list[str] = []
         views_col = df["View Position"] if "View Position" in df.columns else [None] * len(df)
         for name, labs, pid, view in zip(names, df["labels"], df["Patient ID"], views_col):
             if name not in keep:
@@ -396,6 +397,8 @@ class NIHDataset(SampleDataset):
                 missing.append(name)
                 continue
             labset = set(labs)
+            gt = [b.finding for b in bx] + [f for f in self._mask_paths.get(name, {}) if f in wanted]
+            unlabelled_boxes += [f"{name}:{f}" for f in dict.fromkeys(gt) if f not in labset]
             vec = np.array([1.0 if f in labset else 0.0 for f in findings], dtype=np.float32)
             samples.append(Sample(name, path, vec, boxes=bx, patient_id=pid, view=view))
         super().__init__(findings, samples)
@@ -405,6 +408,8 @@ class NIHDataset(SampleDataset):
         self._report("images have no file and are left out", missing, self.name)
         self._report("images named in the box/mask/split files have no Data_Entry row",
                      missing_rows, entry_path)
+        self._report("boxes/masks are of a finding that the image's Finding Labels do not list",
+                     unlabelled_boxes, self.name)
 
     def __getitem__(self, i: int) -> Sample:
         s = self.samples[i]
