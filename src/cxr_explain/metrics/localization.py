@@ -220,22 +220,24 @@ def auprc(h: ArrayLike, gt_mask: ArrayLike) -> float:
 
     ``AP = sum_n (R_n - R_{n-1}) P_n`` over the distinct values of ``h`` taken as thresholds in
     decreasing order (the step-wise definition of sklearn's ``average_precision_score``;
-    Arun et al. 2021), computed from one sort of all pixels. NaN if the ground truth is empty.
+    Arun et al. 2021). Recall only moves at values held by ground-truth pixels, so
+    ``AP = sum_u (#gt pixels == u / |gt|) * (#gt pixels >= u) / (#pixels >= u)`` over those values
+    ``u``, from one sort of the map and one of the gt pixels. NaN if the ground truth is empty.
     """
-    a = _as_2d(h).ravel()
-    gt = _as_mask(gt_mask, _as_2d(h).shape).ravel()
+    a = _as_2d(h)
+    gt = _as_mask(gt_mask, a.shape)
     n_pos = int(gt.sum())
     if n_pos == 0:
         return float("nan")
-    order = np.argsort(-a)  # order within a run of ties does not matter: only run ends count
-    s = a[order]
-    tp = np.cumsum(gt[order], dtype=np.int64)
-    # the last index of each run of equal scores is one threshold
-    last = np.flatnonzero(np.r_[s[1:] != s[:-1], True])
-    tp_t = tp[last].astype(np.float64)
-    precision = tp_t / (last + 1)
-    recall_step = np.diff(np.r_[0.0, tp_t]) / n_pos
-    return float(np.sum(recall_step * precision))
+    s_all = np.sort(a, axis=None)
+    s_pos = np.sort(a[gt], axis=None)
+    last = np.flatnonzero(np.r_[s_pos[1:] != s_pos[:-1], True])  # end of each run of equal values
+    u = s_pos[last]
+    first = np.r_[0, last[:-1] + 1]
+    count_u = (last - first + 1).astype(np.float64)
+    tp = (n_pos - first).astype(np.float64)  # gt pixels >= u
+    selected = (s_all.size - np.searchsorted(s_all, u, side="left")).astype(np.float64)
+    return float(np.sum(count_u / n_pos * tp / selected))
 
 
 def region_shares(
