@@ -11,7 +11,7 @@ import difflib
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional, Sequence, Union
+from typing import Iterable, Union
 
 import numpy as np
 import torch
