@@ -136,3 +136,23 @@ def test_dataset_split_csv_missing_images_and_errors(tmp_path):
     with pytest.raises(DataError) as e:
         RSNADataset(root, split="test")
     assert "stage_2_detailed_class_info.csv" in one_line(e) and "Target is 1" in str(e.value)
+
+
+def test_dataset_masks_csv_with_patient_ids(tmp_path):
+    from PIL import Image
+
+    root = _layout(tmp_path)
+    (root / "masks").mkdir()
+    m = np.zeros((1024, 1024), np.uint8)
+    m[200:500, 100:250] = 255
+    Image.fromarray(m).save(root / "masks" / "p0.png")
+    (root / "masks.csv").write_text(f"patientId,Finding Label,Mask Path\n{_pid(0)},Pneumonia,masks/p0.png\n")
+    ds = RSNADataset(root, split=None, findings=("Pneumonia", "Lung Opacity"))
+    s = ds[ds.index_of(_pid(0))]
+    assert set(s.masks) == {"Pneumonia", "Lung Opacity"} and s.masks["Pneumonia"].sum() == 300 * 150
+    assert s.masks["Pneumonia"][s.boxes[0].to_mask(1024, 1024)].all()  # the mask is the box here
+    assert ds[ds.index_of(_pid(1))].masks == {}
+    (root / "masks.csv").write_text(f"patientId,Finding Label,Mask Path\n{_pid(0)},Effusion,masks/p0.png\n")
+    with pytest.raises(DataError) as e:
+        RSNADataset(root, split=None)
+    assert "masks.csv" in one_line(e) and "'Effusion'" in str(e.value)

@@ -230,14 +230,16 @@ def read_label_list(txt_path: PathLike, findings: Sequence[str] = CHEXNET_FINDIN
     return out
 
 
-def read_masks_csv(csv_path: PathLike, known: Sequence[str] = CHEXNET_FINDINGS) -> dict[str, dict[str, list[Path]]]:
-    """``masks.csv`` (``Image Index,Finding Label,Mask Path``; paths relative to the CSV's folder)
+def read_masks_csv(
+    csv_path: PathLike, known: Sequence[str] = CHEXNET_FINDINGS, id_column: str = "Image Index"
+) -> dict[str, dict[str, list[Path]]]:
+    """``masks.csv`` (``<id_column>,Finding Label,Mask Path``; paths relative to the CSV's folder)
     → ``{image: {finding: [mask paths]}}``; several masks of one finding are OR-ed when loaded.
     A referenced mask file that does not exist raises DataError."""
     p = Path(csv_path)
-    df = read_csv_table(p, required=["Image Index", "Finding Label", "Mask Path"])
+    df = read_csv_table(p, required=[id_column, "Finding Label", "Mask Path"])
     out: dict[str, dict[str, list[Path]]] = {}
-    for k, (name, label, mpath) in enumerate(zip(df["Image Index"], df["Finding Label"], df["Mask Path"])):
+    for k, (name, label, mpath) in enumerate(zip(df[id_column], df["Finding Label"], df["Mask Path"])):
         label = canonical_box_label(label)
         check_labels([label], known=known, source=p, where=f"line {k + 2}")
         mp = Path(mpath.strip())

@@ -3,7 +3,8 @@
 Layout under ``root``: ``stage_2_train_labels.csv`` (``patientId,x,y,width,height,Target``; one
 row per box, or one row with empty coordinates and ``Target=0``), optional
 ``stage_2_detailed_class_info.csv`` (``patientId,class``), optional ``split.csv``
-(``patientId,split``), images ``stage_2_train_images/<patientId>.dcm`` (``.png``/``.jpg`` copies
+(``patientId,split``), optional ``masks.csv`` (``patientId,Finding Label,Mask Path``, synthetic
+benchmark), images ``stage_2_train_images/<patientId>.dcm`` (``.png``/``.jpg`` copies
 are accepted too).
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ from ..errors import DataError
 from .folder import SampleDataset, _to_float, patient_split, read_csv_table
 from .images import IMAGE_EXTENSIONS
 from .labels import RSNA_FINDINGS, check_labels
-from .nih import SPLITS, read_split_csv
+from .nih import SPLITS, read_mask, read_masks_csv, read_split_csv
 from .types import Box, Sample
 
 __all__ = ["read_rsna_labels", "read_rsna_class_info", "RSNADataset", "RSNA_CLASSES"]
@@ -132,6 +133,7 @@ class RSNADataset(SampleDataset):
         labels_csv: Optional[PathLike] = None,
         class_info_csv: Optional[PathLike] = None,
         split_csv: Optional[PathLike] = None,
+        masks_csv: Optional[PathLike] = None,
         images_dir: Optional[PathLike] = None,
         image_size: Union[int, tuple[int, int], None] = 1024,
     ):
@@ -151,6 +153,11 @@ class RSNADataset(SampleDataset):
             if pid in targets and (cls == "Lung Opacity") != (targets[pid] == 1):
                 raise DataError(f"{ci_path}: patient {pid} is {cls!r} but its Target is {targets[pid]}")
 
+        mp = Path(masks_csv) if masks_csv else root / "masks.csv"
+        self._mask_paths = (
+            read_masks_csv(mp, known=(BOX_FINDING,), id_column=_id_column(mp)) if mp.is_file() else {}
+        )
+
         ids = list(targets)
         missing_rows: list[str] = []
         if split is None:
@@ -161,8 +168,7 @@ class RSNADataset(SampleDataset):
                 raise DataError(f"{root}: split={split!r} must be one of train, val, test or None")
             sc = Path(split_csv) if split_csv else root / "split.csv"
             if sc.is_file():
-                df_cols = read_csv_table(sc).columns
-                table = read_split_csv(sc, "patientId" if "patientId" in df_cols else "Image Index")
+                table = read_split_csv(sc, _id_column(sc))
                 chosen = [k for k, v in table.items() if v == split]
                 missing_rows = [k for k in chosen if k not in targets]
                 keep = set(chosen) & set(ids)
@@ -194,3 +200,20 @@ class RSNADataset(SampleDataset):
         self.missing_rows = missing_rows
         self._report("patients have no image file and are left out", missing, self.name)
         self._report("patients in split.csv have no labels row", missing_rows, lab_path)
+
+    def __getitem__(self, i: int) -> Sample:
+        """The sample; a ``masks.csv`` Pneumonia mask is attached under each of ``findings``."""
+        s = self.samples[i]
+        paths = self._mask_paths.get(s.image_id, {}).get(BOX_FINDING)
+        if not paths:
+            return s
+        m = read_mask(paths)
+        masks = {f: m for f in self.findings}
+        return Sample(s.image_id, s.path, s.labels, list(s.boxes), masks, s.patient_id, s.view)
+
+
+def _id_column(csv_path: Path) -> str:
+    """``patientId`` if the CSV header has it, else ``Image Index``."""
+    with open(csv_path, encoding="utf-8-sig") as fh:
+        header = [c.strip() for c in fh.readline().split(",")]
+    return "patientId" if "patientId" in header else "Image Index"
