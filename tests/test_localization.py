@@ -45,6 +45,16 @@ def test_normalize_all_zero_or_all_negative_stays_zero():
     assert out.shape == (5, 5) and not out.any()
 
 
+def test_normalize_minmax_scaling():
+    h = np.array([[-2.0, 0.0], [2.0, 6.0]])
+    np.testing.assert_allclose(normalize_map(h, scaling="minmax"), [[0, 0.25], [0.5, 1.0]])
+    assert not normalize_map(np.full((3, 3), -4.0), scaling="minmax").any()
+    with pytest.raises(CxrExplainError, match="scaling"):
+        normalize_map(h, scaling="abs")
+    with pytest.raises(CxrExplainError, match="NaN"):
+        normalize_map(np.array([[np.nan, 1.0]]))
+
+
 def test_normalize_bilinear_is_align_corners_false():
     # 2 -> 4 with align_corners=False: sample points at -0.25, 0.25, 0.75, 1.25 (clamped)
     h = np.array([[0.0, 1.0], [0.0, 1.0]])

@@ -44,7 +44,9 @@ def make_baseline(image: torch.Tensor, baseline: Union[str, torch.Tensor], blur_
     pixels; Petsiuk et al. 2018), ``mean`` (per-channel mean), ``zero``, or a tensor like ``image``."""
     if isinstance(baseline, torch.Tensor):
         if baseline.shape != image.shape:
-            raise CxrExplainError(f"baseline tensor has shape {tuple(baseline.shape)}, the image {tuple(image.shape)}")
+            raise CxrExplainError(
+                f"baseline tensor has shape {tuple(baseline.shape)}, the image {tuple(image.shape)}; "
+                "pass a baseline of the image's shape")
         return baseline.to(image)
     if baseline == "blur":
         return _gaussian_blur(image, blur_sigma)
@@ -131,7 +133,8 @@ def deletion_insertion(
             out = out.reshape(-1)
             if out.size != nk.numel():
                 raise CxrExplainError(
-                    f"f returned {out.size} scores for a batch of {nk.numel()} images; it must return one per image")
+                    f"f returned {out.size} scores for a batch of {nk.numel()} images; "
+                    "it must return one per image")
             scores.append(out.astype(np.float64))
     curve = np.concatenate(scores)
     auc = float(np.sum(curve[1:] + curve[:-1]) / (2 * steps))  # trapezoid rule, x = k / steps
@@ -228,7 +231,8 @@ def randomization_sanity(
     missing = [n for n in layers_top_down if n not in names or n == ""]
     if missing:
         known = ", ".join(list(n for n in names if n)[:8])
-        raise CxrExplainError(f"layer {missing[0]!r} is not a module of the model; use names like: {known}, ...")
+        raise CxrExplainError(
+            f"layer {missing[0]!r} is not a module of the model; use names like: {known}, ...")
     ref = _to_map(explain_fn(model, image))
     rows = [{"step": 0, "layer": "original", **_similarities(ref, ref)}]
     model_copy = copy.deepcopy(model)
@@ -239,6 +243,8 @@ def randomization_sanity(
             _reinit(model_copy.get_submodule(name))
             new = _to_map(explain_fn(model_copy, image))
             if new.shape != ref.shape:
-                raise CxrExplainError(f"explain_fn returned shape {new.shape} after randomising {name!r}, first {ref.shape}")
+                raise CxrExplainError(
+                    f"explain_fn returned shape {new.shape} after randomising {name!r}, first {ref.shape}; "
+                    "it must return maps of one size")
             rows.append({"step": i, "layer": name, **_similarities(ref, new)})
     return pd.DataFrame(rows, columns=["step", "layer", "spearman", "ssim", "spearman_abs", "ssim_abs"])

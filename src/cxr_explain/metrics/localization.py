@@ -68,6 +68,7 @@ def normalize_map(
     h: ArrayLike,
     resize_to: tuple[int, int] | None = None,
     mode: str = "bilinear",
+    scaling: str = "clip",
 ) -> np.ndarray:
     """The paper protocol's normalisation: resize, then ``h = max(h, 0) / max(max(h, 0))``.
 
@@ -77,6 +78,8 @@ def normalize_map(
     2. Negative values -> 0 ("negative attributions are cast as zero").
     3. Divide by the maximum, so the map lies in [0, 1]; a map with no positive value stays all zero.
 
+    ``scaling="minmax"`` replaces steps 2-3 by ``(h - min) / (max - min)`` (CheXlocalize's
+    normalisation; the same as ``"clip"`` for a map whose minimum is 0; a constant map -> zeros).
     Returns a float32 array of shape ``resize_to`` (or of ``h``'s shape when ``resize_to`` is None).
     """
     a = _as_2d(h)
@@ -87,10 +90,17 @@ def normalize_map(
         kw = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
         size = (int(resize_to[0]), int(resize_to[1]))
         a = F.interpolate(t, size=size, mode=mode, **kw)[0, 0].numpy()
-    a = np.maximum(a.astype(np.float32, copy=False), 0.0)
-    m = float(a.max()) if a.size else 0.0
-    if not np.isfinite(m):
+    a = a.astype(np.float32, copy=False)
+    if a.size and not np.isfinite(a).all():
         raise CxrExplainError("heatmap contains inf/NaN values; check the explanation method's output")
+    if scaling == "minmax":
+        lo = float(a.min()) if a.size else 0.0
+        a = a - lo
+    elif scaling == "clip":
+        a = np.maximum(a, 0.0)
+    else:
+        raise CxrExplainError(f"unknown scaling {scaling!r}; use 'clip' (paper) or 'minmax' (CheXlocalize)")
+    m = float(a.max()) if a.size else 0.0
     return a / m if m > 0 else np.zeros_like(a)
 
 
@@ -270,18 +280,20 @@ def localization_scores(
     original_size: tuple[int, int] | None = None,
     resize: str = "bilinear",
     empty_region: str = "zero",
+    scaling: str = "clip",
 ) -> dict[str, float]:
     """All localisation metrics of one (image, finding, method), as one results-table row.
 
     The raw map ``h`` is brought to the original pixel space with :func:`normalize_map`
-    (``original_size`` defaults to ``gt_mask``'s shape; ``resize`` is the interpolation), then:
+    (``original_size`` defaults to ``gt_mask``'s shape; ``resize`` is the interpolation; ``scaling``
+    ``clip`` (paper) or ``minmax`` (CheXlocalize)), then:
     ``iou@T`` for each T (paper protocol), ``otsu_t`` and ``iou_otsu`` (CheXlocalize), ``hit``,
     ``mass`` (relevance mass), ``rank_acc`` and ``auprc``. Keys are ``iou@0.1``-style with the
     threshold printed by ``format(T, 'g')``.
     """
     gt = np.asarray(gt_mask.detach().cpu().numpy() if isinstance(gt_mask, torch.Tensor) else gt_mask)
     size = tuple(original_size) if original_size is not None else gt.shape[-2:]
-    hn = normalize_map(h, resize_to=size, mode=resize)
+    hn = normalize_map(h, resize_to=size, mode=resize, scaling=scaling)
     gt = _as_mask(gt, hn.shape)
     row: dict[str, float] = {}
     ious = iou_at_thresholds(hn, gt, thresholds, empty_region=empty_region)

@@ -45,14 +45,16 @@ def resize_map(h: ArrayLike, size: tuple[int, int]) -> np.ndarray:
     if a.shape == tuple(size):
         return a
     t = torch.from_numpy(np.ascontiguousarray(a))[None, None]
-    return F.interpolate(t, size=tuple(int(s) for s in size), mode="bilinear", align_corners=False)[0, 0].numpy()
+    out = F.interpolate(t, size=tuple(int(s) for s in size), mode="bilinear", align_corners=False)
+    return out[0, 0].numpy()
 
 
 def _colormap(name: str):
     try:
         return matplotlib.colormaps[name]
     except KeyError:
-        raise CxrExplainError(f"unknown colormap {name!r}; use a matplotlib name such as seismic, jet, inferno") from None
+        raise CxrExplainError(
+            f"unknown colormap {name!r}; use a matplotlib name such as seismic, jet, inferno") from None
 
 
 def heatmap_to_rgb(h: ArrayLike, cmap: str | None = None, symmetric: bool = True) -> np.ndarray:
@@ -112,7 +114,9 @@ def draw_box(rgb: np.ndarray, box: Box, color: Sequence[int] = RED, width: int =
     return rgb
 
 
-def draw_contour(rgb: np.ndarray, mask: ArrayLike, color: Sequence[int] = GREEN, width: int = 1) -> np.ndarray:
+def draw_contour(
+    rgb: np.ndarray, mask: ArrayLike, color: Sequence[int] = GREEN, width: int = 1
+) -> np.ndarray:
     """Draw the inner boundary (``width`` px) of a boolean mask onto ``rgb`` in place; a mask of
     another size is resized to the image by nearest neighbour."""
     m = _np(mask).astype(bool)
@@ -170,7 +174,8 @@ def save_png(rgb: ArrayLike, path: Union[str, Path]) -> Path:
     """Write a uint8 (H, W), (H, W, 3) or (H, W, 4) image as PNG (Pillow); parent folders are created."""
     a = _np(rgb)
     if a.dtype != np.uint8 or not (a.ndim == 2 or (a.ndim == 3 and a.shape[2] in (3, 4))):
-        raise CxrExplainError(f"save_png needs a uint8 (H, W[, 3|4]) image, got {a.dtype} {a.shape} for {path}")
+        raise CxrExplainError(
+            f"save_png needs a uint8 (H, W[, 3|4]) image, got {a.dtype} {a.shape} for {path}")
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(a).save(p, format="PNG")
@@ -220,7 +225,8 @@ def _as_rgb(a: ArrayLike) -> np.ndarray:
     if a.ndim == 2:
         a = np.repeat(to_gray_uint8(a)[..., None], 3, axis=2)
     if a.dtype != np.uint8 or a.ndim != 3 or a.shape[2] not in (3, 4):
-        raise CxrExplainError(f"panel must be a uint8 (H, W, 3) image or a 2-D X-ray, got {a.dtype} {a.shape}")
+        raise CxrExplainError(
+            f"panel must be a uint8 (H, W, 3) image or a 2-D X-ray, got {a.dtype} {a.shape}")
     return a[..., :3]
 
 
