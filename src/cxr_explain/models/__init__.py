@@ -1,6 +1,13 @@
 """Architectures with their label sets (zoo) and strict loading of user checkpoints."""
 from __future__ import annotations
 
+from .checkpoints import (
+    OWN_FORMAT,
+    LoadReport,
+    infer_architecture,
+    load_checkpoint,
+    save_checkpoint,
+)
 from .zoo import (
     ARCHS,
     BENCHMARK_LABELS,
@@ -19,8 +26,8 @@ from .zoo import (
 )
 
 __all__ = [
-    "ARCHS", "BENCHMARK_LABELS", "CHEXNET_LABELS", "LABEL_SETS", "PNEUMONIA_LABELS",
-    "PNEUMONIA_SOFTMAX_LABELS", "PREPROCESSING", "XRV_LABELS", "ModelSpec",
-    "build_model", "default_labels", "get_spec", "label_index",
-    "resolve_labels",
+    "ARCHS", "BENCHMARK_LABELS", "CHEXNET_LABELS", "LABEL_SETS", "OWN_FORMAT", "PNEUMONIA_LABELS",
+    "PNEUMONIA_SOFTMAX_LABELS", "PREPROCESSING", "XRV_LABELS", "LoadReport", "ModelSpec",
+    "build_model", "default_labels", "get_spec", "infer_architecture", "label_index",
+    "load_checkpoint", "resolve_labels", "save_checkpoint",
 ]

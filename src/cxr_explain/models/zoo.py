@@ -15,32 +15,18 @@ from typing import Any, Sequence
 from torch import nn
 from torchvision import models as tvm
 
+from ..data.labels import BOX_FINDINGS, BOX_LABEL_ALIASES, CHEXNET_FINDINGS, XRV_PATHOLOGIES
 from ..errors import CxrExplainError
 
-try:  # the label constants live in data/labels.py once that module exists
-    from ..data.labels import (  # type: ignore[attr-defined]
-        BENCHMARK_LABELS,
-        CHEXNET_LABELS,
-        PNEUMONIA_LABELS,
-        XRV_LABELS,
-    )
-except ImportError:  # pragma: no cover - depends on which modules are present
-    #: CheXNet / arnoweng / jrzech output order (NIH ChestX-ray14, 14 findings).
-    CHEXNET_LABELS: list[str] = [
-        "Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule",
-        "Pneumonia", "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis",
-        "Pleural_Thickening", "Hernia",
-    ]
-    #: torchxrayvision output order (18); index by name, some checkpoints leave entries ''.
-    XRV_LABELS: list[str] = [
-        "Atelectasis", "Consolidation", "Infiltration", "Pneumothorax", "Edema", "Emphysema",
-        "Fibrosis", "Effusion", "Pneumonia", "Pleural_Thickening", "Cardiomegaly", "Nodule",
-        "Mass", "Hernia", "Lung Lesion", "Fracture", "Lung Opacity", "Enlarged Cardiomediastinum",
-    ]
-    #: Binary pneumonia model: ONE logit (sigmoid / BCE), positive class "Pneumonia".
-    PNEUMONIA_LABELS: list[str] = ["Pneumonia"]
-    #: Synthetic benchmark: the 8 NIH box findings in CheXNet order; "No Finding" = all zero.
-    BENCHMARK_LABELS: list[str] = CHEXNET_LABELS[:8]
+#: CheXNet / arnoweng / jrzech output order (NIH ChestX-ray14, 14 findings).
+CHEXNET_LABELS: list[str] = list(CHEXNET_FINDINGS)
+#: torchxrayvision output order (18); index by name, some checkpoints leave entries ''.
+XRV_LABELS: list[str] = list(XRV_PATHOLOGIES)
+#: Synthetic benchmark: the 8 NIH box findings in CheXNet order; "No Finding" = all zero.
+BENCHMARK_LABELS: list[str] = list(BOX_FINDINGS)
+#: Binary pneumonia model (RSNA): ONE logit, sigmoid / BCE, positive class "Pneumonia". A single
+#: logit is chosen so the explained output is the same kind of quantity as in the multi-label case.
+PNEUMONIA_LABELS: list[str] = ["Pneumonia"]
 
 #: Two-logit (softmax) Normal-vs-Pneumonia head, accepted when a checkpoint has two outputs.
 PNEUMONIA_SOFTMAX_LABELS: list[str] = ["Normal", "Pneumonia"]
@@ -63,7 +49,7 @@ PREPROCESSING = ("imagenet-rgb", "xrv", "gray")
 ARCHS = ("densenet121", "resnet18", "resnet34", "resnet50", "vgg16", "vgg16_bn")
 
 #: Label spellings that differ between files of the same dataset (BBox_List says "Infiltrate").
-_ALIASES = {"infiltrate": "Infiltration", "pleural thickening": "Pleural_Thickening"}
+_ALIASES = {k.lower(): v for k, v in BOX_LABEL_ALIASES.items()}
 
 
 @dataclass
