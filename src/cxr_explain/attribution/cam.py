@@ -1,0 +1,104 @@
+"""Class activation maps from the traced graph's last spatial feature map.
+
+* CAM (Zhou et al. 2016): ``M_t = Σ_c w_tc A_c`` with ``A`` the feature map that the global average
+  pool reads (after DenseNet's final functional ReLU) and ``w`` the classifier weights (no bias).
+  Defined only for GAP → Linear heads.
+* Grad-CAM (Selvaraju et al. 2017): ``M_t = ReLU(Σ_c α_c A_c)``, ``α_c = mean_hw ∂y_t/∂A_c``.
+* Grad-CAM++ (Chattopadhay et al. 2018): ``α_c = Σ_hw ReLU(g) · g²/(2g² + Σ_hw A · g³)`` with
+  ``g = ∂y_t/∂A`` and 1e-6 added to the denominator (the exponential-free closed form).
+
+The backward stops at ``A`` (the forward detaches it there), runs on the out-of-place graph (no
+in-place ReLU hook crash on DenseNet) and never leaves torch.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import CxrExplainError
+from .graph import ForwardRecord, LayerNode, TracedModel, record_forward
+
+Tensor = torch.Tensor
+
+
+def last_spatial_node(traced: TracedModel, record: ForwardRecord) -> LayerNode:
+    """Walk back from the logits to the first node whose output is (B, C, H, W) with H·W > 1."""
+    node = traced.logits
+    seen = set()
+    while node is not None and node.name not in seen:
+        seen.add(node.name)
+        v = record.values.get(node.name)
+        if isinstance(v, torch.Tensor) and v.dim() == 4 and v.shape[-1] * v.shape[-2] > 1:
+            return node
+        tensor_inputs = [n for n in node.inputs if isinstance(record.values.get(n.name), torch.Tensor)]
+        node = tensor_inputs[0] if tensor_inputs else None
+    raise CxrExplainError("found no spatial feature map (B, C, H, W) feeding the logits; pass layer=…")
+
+
+def _cam_head(traced: TracedModel) -> tuple[LayerNode, LayerNode]:
+    """(head linear, global-average-pool node) of a GAP → (flatten) → Linear head, or an error."""
+    head = next((n for n in traced.nodes if n.role == "head"), None)
+    if head is None or head.kind != "linear":
+        raise CxrExplainError("CAM needs logits from a Linear layer after global average pooling; use gradcam")
+    node = head.inputs[0]
+    while node.kind in ("reshape", "identity"):
+        node = node.inputs[0]
+    if node.kind != "adaptive_avgpool":
+        raise CxrExplainError(
+            f"CAM needs global average pooling right before the classifier ({head.module_path} reads "
+            f"{node.op}); use gradcam for this architecture"
+        )
+    return head, node
+
+
+def cam(traced: TracedModel, x: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """CAM maps (K, B, h, w) at feature resolution, plus logits (B, n) and the features' node name."""
+    head, gap = _cam_head(traced)
+    with torch.no_grad():
+        record = record_forward(traced, x)
+        A = record[gap.inputs[0]]
+        if A.dim() != 4:
+            raise CxrExplainError(f"CAM: the pooled feature map at {gap.inputs[0].name!r} is not (B, C, H, W)")
+        out = record[gap]
+        if out.shape[-1] * out.shape[-2] != 1:
+            raise CxrExplainError("CAM needs a global (1×1) average pool before the classifier; use gradcam")
+        W = head.module.weight.detach()
+        w = W[targets.clamp(min=0).T]  # (K, B, C)
+        maps = torch.einsum("kbc,bchw->kbhw", w, A) * (targets.T >= 0).view(*targets.T.shape, 1, 1)
+        logits = record[traced.logits]
+    return maps, logits, A
+
+
+def gradcam(
+    traced: TracedModel, x: Tensor, targets: Tensor, layer: Optional[str] = None, plusplus: bool = False
+) -> tuple[Tensor, Tensor]:
+    """Grad-CAM(++) maps (K, B, h, w) at the feature layer's resolution, and logits (B, n)."""
+    if layer is None:
+        with torch.no_grad():
+            probe = record_forward(traced, x[:1])
+        feat = last_spatial_node(traced, probe)
+    else:
+        feat = traced.find(layer)
+    with torch.enable_grad():
+        record = record_forward(traced, x.detach(), detach_at=feat)
+        A = record[feat]
+        if not isinstance(A, Tensor) or A.dim() != 4:
+            raise CxrExplainError(f"Grad-CAM layer {feat!r} does not output a (B, C, H, W) feature map")
+        logits = record[traced.logits]
+        maps = []
+        k = targets.shape[1]
+        for j in range(k):
+            t = targets[:, j]
+            sel = (logits.gather(1, t.clamp(min=0).unsqueeze(1)).squeeze(1) * (t >= 0)).sum()
+            (g,) = torch.autograd.grad(sel, A, retain_graph=j < k - 1)
+            if plusplus:
+                g2, g3 = g * g, g * g * g
+                sum_a = A.sum((2, 3), keepdim=True)
+                aij = torch.where(g != 0, g2 / (2 * g2 + sum_a * g3 + 1e-6), torch.zeros_like(g))
+                alpha = (F.relu(g) * aij).sum((2, 3), keepdim=True)
+            else:
+                alpha = g.mean((2, 3), keepdim=True)
+            maps.append(F.relu((alpha * A).sum(1)).detach())
+    return torch.stack(maps), logits.detach()

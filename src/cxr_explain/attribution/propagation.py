@@ -1,0 +1,79 @@
+"""The one propagation engine: walk the traced graph backwards, applying each node's rule.
+
+A tensor used by several consumers receives the sum of their relevances (fan-out); each node's
+forward output is freed as soon as its rule has run, so memory peaks near the forward pass.
+Per node we keep Σ R at its output (``layer_sums``) and the relevance its rule lost or created
+(``leaks`` = Σ R_out − Σ R_in), which is how a conservation warning can say where relevance went.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..errors import CxrExplainError
+from .graph import ForwardRecord, TracedModel
+from .methods import PropagationMethod
+from .rules import Step, per_sample_sum
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class PropagationResult:
+    input_relevance: Tensor  # (K, B, *input_shape)
+    layer_sums: dict[str, Tensor]  # node name -> (K, B)
+    leaks: dict[str, Tensor]  # node name -> (K, B): Σ R at output − Σ R passed to inputs
+
+
+def propagate(
+    traced: TracedModel,
+    record: ForwardRecord,
+    method: PropagationMethod,
+    start: Tensor,
+    keep_sums: bool = True,
+) -> PropagationResult:
+    """Propagate ``start`` (K, B, n_outputs) at the logits node back to the input."""
+    relevant = traced.relevant_nodes()
+    relevant_names = {n.name for n in relevant}
+    pending: dict[str, Tensor] = {traced.logits.name: start}
+    layer_sums: dict[str, Tensor] = {}
+    leaks: dict[str, Tensor] = {}
+    cache: dict[str, Any] = {}
+    k = start.shape[0]
+    values = record.values
+    result = None
+    for node in reversed(relevant):
+        R = pending.pop(node.name, None)
+        if node is traced.input:
+            result = R
+            break
+        if R is None:
+            continue
+        rule = method.rule_for(node)
+        if rule is None:  # check_supported() ran before; keep a clear message anyway
+            raise CxrExplainError(f"method {method.name!r} has no rule for node {node!r}")
+        tensor_inputs = [n for n in node.inputs if isinstance(values.get(n.name), torch.Tensor)]
+        step = Step(node, [values[n.name] for n in tensor_inputs], values[node.name], record, k, cache)
+        outs = rule.backward(step, R)
+        if len(outs) != len(tensor_inputs):
+            raise CxrExplainError(f"rule {rule!r} returned {len(outs)} relevances for {len(tensor_inputs)} "
+                                  f"inputs at node {node!r}")
+        if keep_sums:
+            out_sum = per_sample_sum(R)
+            in_sum = torch.zeros_like(out_sum)
+            for inp, r in zip(tensor_inputs, outs):
+                if r is not None and inp.name in relevant_names:
+                    in_sum = in_sum + per_sample_sum(r)
+            layer_sums[node.name] = out_sum
+            leaks[node.name] = out_sum - in_sum
+        for inp, r in zip(tensor_inputs, outs):
+            if r is None or inp.name not in relevant_names:
+                continue
+            prev = pending.get(inp.name)
+            pending[inp.name] = r if prev is None else prev + r
+        del values[node.name]  # every consumer of this node has been processed
+    if result is None:
+        raise CxrExplainError("no relevance reached the model input: is the input connected to the logits?")
+    return PropagationResult(result, layer_sums, leaks)

@@ -1,0 +1,550 @@
+"""Relevance rules: one class per rule, each a small piece of data plus a backward formula.
+
+Conventions (``specs/rap.md`` §1): a rule receives the relevance ``R`` at a node's output and returns
+the relevance at each of its tensor inputs. Relevance tensors carry a leading *target* axis:
+``R`` has shape ``(K, B, *feature_shape)`` for K explained targets of a batch of B images, while the
+stored activations have shape ``(B, *feature_shape)`` and are broadcast over K. So a forward pass and
+every per-image quantity (z⁺ denominators, first-layer bounds) is computed once for all targets.
+
+``sdiv(n, d)`` is the *safe division*: ``n/d`` where ``d != 0`` and exactly 0 where ``d == 0``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.grad import conv2d_input
+
+from ..errors import CxrExplainError
+from .graph import ForwardRecord, LayerNode
+
+Tensor = torch.Tensor
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------
+
+
+def sdiv(n: Tensor, d: Tensor) -> Tensor:
+    """Safe division: ``n/d`` where ``d != 0``, exactly 0 where ``d == 0``."""
+    nz = d != 0
+    return torch.where(nz, n / torch.where(nz, d, torch.ones_like(d)), torch.zeros((), dtype=n.dtype, device=n.device))
+
+
+def merge_kb(t: Tensor) -> Tensor:
+    """(K, B, *s) -> (K*B, *s)."""
+    return t.reshape(t.shape[0] * t.shape[1], *t.shape[2:])
+
+
+def split_kb(t: Tensor, k: int) -> Tensor:
+    """(K*B, *s) -> (K, B, *s)."""
+    return t.reshape(k, t.shape[0] // k, *t.shape[1:])
+
+
+def per_sample_sum(t: Tensor) -> Tensor:
+    """Sum over all feature axes of a (K, B, ...) tensor -> (K, B)."""
+    return t.reshape(t.shape[0], t.shape[1], -1).sum(-1)
+
+
+@dataclass
+class Step:
+    """What a rule sees at one node."""
+
+    node: LayerNode
+    inputs: list[Tensor]  # the node's tensor inputs (forward values), shape (B, ...)
+    output: Tensor  # the node's forward output, shape (B, ...)
+    record: ForwardRecord
+    n_targets: int
+    cache: dict[str, Any] = field(default_factory=dict)  # per-explain cache (modified weights)
+
+    @property
+    def x(self) -> Tensor:
+        return self.inputs[0]
+
+
+class Rule:
+    """A relevance rule. Subclasses implement :meth:`backward`."""
+
+    name = "rule"
+
+    def backward(self, step: Step, R: Tensor) -> list[Optional[Tensor]]:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+# --------------------------------------------------------------------------------------------
+# Parameter-free rules
+# --------------------------------------------------------------------------------------------
+
+
+class Pass(Rule):
+    """Identity: ``R_in = R`` (ReLU, Dropout, Identity; BatchNorm in the authors' LRP)."""
+
+    name = "pass"
+
+    def backward(self, step, R):
+        return [R]
+
+
+class MaskedPass(Rule):
+    """``R_in = R ⊙ [x != 0]``: what the authors' RAP BatchNorm rule reduces to (rap.md §2.7)."""
+
+    name = "masked-pass"
+
+    def backward(self, step, R):
+        return [R * (step.x != 0)]
+
+
+class Reshape(Rule):
+    """Flatten / view / reshape: relevance takes the input's shape back."""
+
+    name = "reshape"
+
+    def backward(self, step, R):
+        return [R.reshape(R.shape[0], *step.x.shape)]
+
+
+class Slice(Rule):
+    """``torch.cat``: the relevance is sliced back into the concatenated inputs."""
+
+    name = "slice"
+
+    def backward(self, step, R):
+        fx_node = step.node.fx_node
+        dim = fx_node.kwargs.get("dim", fx_node.args[1] if len(fx_node.args) > 1 else 0)
+        dim = dim % step.output.dim()
+        sizes = [t.shape[dim] for t in step.inputs]
+        return list(torch.split(R, sizes, dim=dim + 1))
+
+
+class WinnerTakesAll(Rule):
+    """Max-pool z-rule: all of ``R`` goes to the arg-max of each window (where the max is non-zero).
+
+    ``R_in = x ⊙ Jᵀ sdiv(R, z)`` with ``z`` the pool output; at the arg-max ``x = z`` so this is a
+    scatter of ``R·[z != 0]`` to the arg-max positions (overlapping windows accumulate).
+    """
+
+    name = "winner-takes-all"
+
+    def backward(self, step, R):
+        idx = step.record.pool_indices.get(step.node.name)
+        if idx is None:
+            raise CxrExplainError(f"max-pool node {step.node.name!r} has no recorded indices")
+        k = R.shape[0]
+        x = step.x
+        params = _pool_params(step.node, x)
+        g = merge_kb(R * (step.output != 0))
+        idx_k = idx.repeat(k, *([1] * (idx.dim() - 1)))
+        big = x.new_empty((k * x.shape[0], *x.shape[1:]))
+        out = torch.ops.aten.max_pool2d_with_indices_backward(
+            g, big, params["kernel_size"], params["stride"], params["padding"], params["dilation"],
+            params["ceil_mode"], idx_k,
+        )
+        return [split_kb(out, k)]
+
+
+class Proportional(Rule):
+    """The z-rule for parameter-free linear ops (average pools, ``+``): ``R_i = x_i Σ_j J_ji R_j / z_j``.
+
+    For ``+`` with ``s = a + b``: ``R_a = a·sdiv(R, s)``, ``R_b = b·sdiv(R, s)`` (sign-unaware,
+    rap.md §2.8). Average pools use the pool's transposed map. ``stabilizer`` adds ``ε·sign(z)``
+    to the denominator instead of the safe division (zennit's ``Norm``-like behaviour).
+    """
+
+    name = "proportional"
+
+    def __init__(self, stabilizer: float = 0.0):
+        self.stabilizer = stabilizer
+
+    def _div(self, R: Tensor, z: Tensor) -> Tensor:
+        if self.stabilizer:
+            return R / (z + self.stabilizer * torch.where(z >= 0, 1.0, -1.0).to(z.dtype))
+        return sdiv(R, z)
+
+    def backward(self, step, R):
+        kind = step.node.kind
+        s = self._div(R, step.output)
+        if kind == "add":
+            return [_unbroadcast(t * s, t.shape) for t in step.inputs]
+        k = R.shape[0]
+        x = step.x
+        big = x.new_empty((k * x.shape[0], *x.shape[1:]))
+        if kind == "adaptive_avgpool":
+            g = torch.ops.aten._adaptive_avg_pool2d_backward(merge_kb(s), big)
+        elif kind == "avgpool":
+            p = _pool_params(step.node, x)
+            g = torch.ops.aten.avg_pool2d_backward(
+                merge_kb(s), big, p["kernel_size"], p["stride"], p["padding"], p["ceil_mode"],
+                p["count_include_pad"], p["divisor_override"],
+            )
+        else:
+            raise CxrExplainError(f"proportional rule does not handle {kind!r} (node {step.node.name!r})")
+        return [x * split_kb(g, k)]
+
+
+def _unbroadcast(t: Tensor, shape: torch.Size) -> Tensor:
+    """Sum a (K, *broadcast_shape) relevance down to (K, *shape)."""
+    target = (t.shape[0], *shape)
+    if t.shape == target:
+        return t
+    while t.dim() > len(target):
+        t = t.sum(1)
+    dims = [i for i in range(1, t.dim()) if target[i] == 1 and t.shape[i] != 1]
+    return t.sum(dims, keepdim=True) if dims else t
+
+
+def _pair(v) -> list[int]:
+    return list(v) if isinstance(v, (tuple, list)) else [v, v]
+
+
+def _pool_params(node: LayerNode, x: Tensor) -> dict[str, Any]:
+    """Kernel / stride / padding … of a pool node, from its module or its functional call."""
+    m = node.module
+    if m is not None:
+        get = lambda k, d=None: getattr(m, k, d)  # noqa: E731
+    else:
+        from torch.fx.operator_schemas import normalize_function
+
+        norm = normalize_function(node.fx_node.target, tuple(node.fx_node.args), dict(node.fx_node.kwargs),
+                                  normalize_to_only_use_kwargs=True)
+        kw = norm.kwargs if norm is not None else dict(node.fx_node.kwargs)
+        get = lambda k, d=None: kw.get(k, d)  # noqa: E731
+    ks = _pair(get("kernel_size"))
+    stride = get("stride") or ks
+    return {
+        "kernel_size": ks,
+        "stride": _pair(stride),
+        "padding": _pair(get("padding", 0) or 0),
+        "dilation": _pair(get("dilation", 1) or 1),
+        "ceil_mode": bool(get("ceil_mode", False)),
+        "count_include_pad": bool(get("count_include_pad", True)),
+        "divisor_override": get("divisor_override", None),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Linear maps (Conv2d, Linear): forward with given weights and its transpose
+# --------------------------------------------------------------------------------------------
+
+
+class LinearMap:
+    """The bias-free linear map of a Conv2d / Linear layer, applied with arbitrary weights."""
+
+    def __init__(self, module: nn.Module, node: LayerNode):
+        if not isinstance(module, (nn.Conv2d, nn.Linear)):
+            raise CxrExplainError(f"node {node.name!r}: {type(module).__name__} is not Conv2d/Linear")
+        self.module = module
+        self.is_conv = isinstance(module, nn.Conv2d)
+        if self.is_conv and module.padding_mode != "zeros":
+            raise CxrExplainError(
+                f"layer {node.module_path}: padding_mode={module.padding_mode!r} is not supported; use zeros"
+            )
+
+    @property
+    def weight(self) -> Tensor:
+        return self.module.weight
+
+    @property
+    def bias(self) -> Optional[Tensor]:
+        return self.module.bias
+
+    def forward(self, x: Tensor, w: Tensor) -> Tensor:
+        """``z_j = Σ_i w_ji x_i`` (no bias)."""
+        m = self.module
+        if self.is_conv:
+            return F.conv2d(x, w, None, m.stride, m.padding, m.dilation, m.groups)
+        return F.linear(x, w)
+
+    def transpose(self, s: Tensor, w: Tensor, in_shape: Sequence[int]) -> Tensor:
+        """``Wᵀ s`` (the vector–Jacobian product of the bias-free map); ``s`` is (N, *out_shape)."""
+        m = self.module
+        if self.is_conv:
+            return conv2d_input((s.shape[0], *in_shape), w, s, m.stride, m.padding, m.dilation, m.groups)
+        return s @ w
+
+    def bias_shape(self, out: Tensor) -> Optional[Tensor]:
+        """The bias broadcast to an output tensor's layout (B, C, …)."""
+        if self.bias is None:
+            return None
+        return self.bias.view(1, -1, *([1] * (out.dim() - 2)))
+
+
+def _weights(step: Step, lm: LinearMap, mod: str) -> Tensor:
+    """Modified weights, cached per explain call: ``id``, ``pos`` (W⁺), ``neg`` (W⁻), ``negabs`` (|W⁻|),
+    ``abs``, ``ones``, ``square``."""
+    key = f"{step.node.name}:{mod}"
+    w = step.cache.get(key)
+    if w is None:
+        W = lm.weight.detach()
+        w = {
+            "id": lambda: W,
+            "pos": lambda: W.clamp(min=0),
+            "neg": lambda: W.clamp(max=0),
+            "abs": lambda: W.abs(),
+            "negabs": lambda: (-W).clamp(min=0),
+            "ones": lambda: torch.ones_like(W),
+            "square": lambda: W * W,
+        }[mod]()
+        step.cache[key] = w
+    return w
+
+
+# --------------------------------------------------------------------------------------------
+# LRP rules for Conv2d / Linear: the generic modified-z rule
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Term:
+    """One product ``coef · input_mod(x) · param_mod(W)`` of a modified-z rule.
+
+    input modifiers: ``id`` (x), ``pos`` (x⁺), ``neg`` (x⁻), ``ones`` (1), ``low`` / ``high``
+    (the per-sample min / max of the layer input, for zᴮ).
+    """
+
+    input_mod: str
+    param_mod: str
+    coef: float = 1.0
+
+
+class ZRule(Rule):
+    """The modified-z rule family of LRP, one formula for z, z⁺, ε, zᴮ, flat, w²:
+
+    ``z_j = Σ_t c_t Σ_i f_t(x)_i g_t(W)_ji [+ b_j]``, ``s = R / stab(z)``,
+    ``R_i = Σ_t c_t f_t(x)_i Σ_j g_t(W)_ji s_j``.
+
+    ``stabilizer``: ``"safe"`` (safe division, no ε), ``"epsilon"`` (``z + ε·sign(z)``, sign(0)=+1),
+    ``"plus-epsilon"`` (``z + ε``, the authors' zᴮ in LRP, rap.md §3).
+    Terms whose input modifier is ``neg`` are skipped when the input has no negative entry.
+    """
+
+    name = "z"
+
+    def __init__(self, terms: Sequence[Term], stabilizer: str = "safe", epsilon: float = 0.0,
+                 use_bias: bool = False, name: Optional[str] = None):
+        self.terms = tuple(terms)
+        self.stabilizer = stabilizer
+        self.epsilon = epsilon
+        self.use_bias = use_bias
+        if name:
+            self.name = name
+
+    def __repr__(self):
+        return f"ZRule({self.name}, stabilizer={self.stabilizer}, eps={self.epsilon}, bias={self.use_bias})"
+
+    def _inputs(self, step: Step, x: Tensor) -> dict[str, Tensor]:
+        mods = {t.input_mod for t in self.terms}
+        out: dict[str, Tensor] = {}
+        if "id" in mods:
+            out["id"] = x
+        if "pos" in mods:
+            out["pos"] = x.clamp(min=0)
+        if "neg" in mods and bool((x < 0).any()):
+            out["neg"] = x.clamp(max=0)
+        if "ones" in mods:
+            out["ones"] = torch.ones_like(x)
+        if "low" in mods or "high" in mods:
+            flat = x.reshape(x.shape[0], -1)
+            shape = (x.shape[0],) + (1,) * (x.dim() - 1)
+            out["low"] = flat.min(1).values.view(shape).expand_as(x)
+            out["high"] = flat.max(1).values.view(shape).expand_as(x)
+        return out
+
+    def backward(self, step, R):
+        lm = LinearMap(step.node.module, step.node)
+        x = step.x
+        ins = self._inputs(step, x)
+        terms = [t for t in self.terms if t.input_mod in ins]
+        z = None
+        for t in terms:
+            zt = lm.forward(ins[t.input_mod], _weights(step, lm, t.param_mod))
+            z = t.coef * zt if z is None else z + t.coef * zt
+        if self.use_bias and lm.bias is not None:
+            z = z + lm.bias_shape(z).detach()
+        if self.stabilizer == "safe":
+            s = sdiv(R, z)
+        elif self.stabilizer == "epsilon":
+            s = R / (z + self.epsilon * torch.where(z >= 0, 1.0, -1.0).to(z.dtype))
+        elif self.stabilizer == "plus-epsilon":
+            s = R / (z + self.epsilon)
+        else:
+            raise ValueError(f"unknown stabilizer {self.stabilizer!r}")
+        k = R.shape[0]
+        s2 = merge_kb(s)
+        by_param: dict[str, Tensor] = {}
+        for t in terms:
+            by_param.setdefault(t.param_mod, None)
+        result = None
+        for pm in by_param:
+            back = split_kb(lm.transpose(s2, _weights(step, lm, pm), x.shape[1:]), k)
+            factor = None
+            for t in terms:
+                if t.param_mod == pm:
+                    f = t.coef * ins[t.input_mod]
+                    factor = f if factor is None else factor + f
+            contrib = factor * back
+            result = contrib if result is None else result + contrib
+        return [result]
+
+
+class Combined(Rule):
+    """A weighted sum of rules, each normalised on its own: ``R = Σ_k w_k · rule_k(R)`` (α-β)."""
+
+    def __init__(self, parts: Sequence[tuple[float, Rule]], name: str = "combined"):
+        self.parts = tuple(parts)
+        self.name = name
+
+    def backward(self, step, R):
+        total = None
+        for w, rule in self.parts:
+            r = rule.backward(step, R)[0]
+            total = w * r if total is None else total + w * r
+        return [total]
+
+
+def zplus() -> ZRule:
+    """LRP-α1β0 = z⁺ without bias: ``R_i = Σ_j (x⁺_i W⁺_ji + x⁻_i W⁻_ji) R_j / Σ_k (…)`` (joint)."""
+    return ZRule([Term("pos", "pos"), Term("neg", "neg")], "safe", name="z+")
+
+
+def alpha_beta(alpha: float, beta: float) -> Rule:
+    """LRP-αβ: ``α·z⁺-part − β·z⁻-part``, each part normalised separately, biases excluded."""
+    pos = ZRule([Term("pos", "pos"), Term("neg", "neg")], "safe", name="alpha")
+    neg = ZRule([Term("pos", "neg"), Term("neg", "pos")], "safe", name="beta")
+    if beta == 0:
+        return pos
+    return Combined([(alpha, pos), (-beta, neg)], name=f"alpha{alpha:g}beta{beta:g}")
+
+
+def epsilon(eps: float = 0.25, use_bias: bool = True) -> ZRule:
+    """LRP-ε: ``R_i = x_i Σ_j W_ji R_j / (z_j + ε·sign(z_j))`` with ``z_j = Σ_i x_i W_ji + b_j``."""
+    return ZRule([Term("id", "id")], "epsilon", epsilon=eps, use_bias=use_bias, name="epsilon")
+
+
+def zbox(stabilizer: str = "safe", eps: float = 0.0) -> ZRule:
+    """zᴮ with the per-sample min ``l`` and max ``h`` of the layer input (rap.md §2.4):
+    ``R_i = Σ_j (x_i W_ji − l W⁺_ji − h W⁻_ji) R_j / Σ_i (…)``, no bias."""
+    return ZRule([Term("id", "id"), Term("low", "pos", -1.0), Term("high", "neg", -1.0)],
+                 stabilizer, epsilon=eps, name="zB")
+
+
+def flat() -> ZRule:
+    """Flat rule: relevance spread uniformly over each output's receptive field."""
+    return ZRule([Term("ones", "ones")], "safe", name="flat")
+
+
+def wsquare() -> ZRule:
+    """w²-rule: ``R_i = Σ_j W_ji² R_j / Σ_i W_ji²``."""
+    return ZRule([Term("ones", "square")], "safe", name="w2")
+
+
+# --------------------------------------------------------------------------------------------
+# RAP rules (rap.md §2.2 and §2.3)
+# --------------------------------------------------------------------------------------------
+
+
+class RapFirstStep(Rule):
+    """RAP's first step at the last linear layer: absolute influence normalisation (rap.md §2.2).
+
+    For target t with input a, row w = W[t], bias b: ``c_i = a_i w_i``; ``Pos = Σ max(c,0)``,
+    ``Neg = Σ min(c,0)``; ``b_pos = b·sdiv(Pos, Pos+Neg)``, ``b_neg = b·sdiv(Neg, Pos+Neg)`` spread over
+    ``a_i > 0`` in proportion to ``a⁺_i W⁺_i`` resp. ``a⁺_i W⁻_i``; ``r = c + shares``;
+    ``R_i = |r_i| · Σ r / Σ |r|``. The incoming relevance must be a one-hot per (target, image);
+    its value scales the result (RAP starts from 1.0).
+    """
+
+    name = "rap-first-step"
+
+    def backward(self, step, R):
+        lm = LinearMap(step.node.module, step.node)
+        if lm.is_conv:
+            raise CxrExplainError(f"RAP's first step needs a Linear head; {step.node!r} is a convolution")
+        a = step.x  # (B, D)
+        if a.dim() != 2:
+            raise CxrExplainError(f"RAP's first step expects a (batch, features) input at {step.node!r}")
+        t = R.abs().argmax(-1)  # (K, B)
+        scale = R.gather(-1, t.unsqueeze(-1)).squeeze(-1)  # (K, B)
+        W = lm.weight.detach()
+        w = W[t]  # (K, B, D)
+        b = lm.bias.detach()[t] if lm.bias is not None else torch.zeros_like(scale)
+        c = a.unsqueeze(0) * w
+        pos = c.clamp(min=0).sum(-1)
+        neg = c.clamp(max=0).sum(-1)
+        b_pos = b * sdiv(pos, pos + neg)
+        b_neg = b * sdiv(neg, pos + neg)
+        ap = a.clamp(min=0).unsqueeze(0)
+        pp = ap * w.clamp(min=0)
+        pn = ap * w.clamp(max=0)
+        shares = pp * sdiv(b_pos, pp.sum(-1)).unsqueeze(-1) + pn * sdiv(b_neg, pn.sum(-1)).unsqueeze(-1)
+        r = c + shares
+        absr = r.abs()
+        Rin = absr * sdiv(r.sum(-1), absr.sum(-1)).unsqueeze(-1)
+        return [Rin * scale.unsqueeze(-1)]
+
+
+class RapHidden(Rule):
+    """RAP's hidden Linear/Conv rule: relative influence with inhibitory double counting and the
+    uniform shift (rap.md §2.3), positive-input branch (inputs are post-ReLU, the a⁻ branch is 0).
+
+    With ``x = a⁺``: ``P_j = Σ_i x_i W⁺_ji``, ``N_j = −Σ_i x_i W⁻_ji`` (computed as ``P − z`` from the
+    stored pre-activation ``z``, one extra convolution instead of two), then
+
+    * Conv: ``C_i = x_i Σ_j [W⁺_ji R⁺_j/P_j + |W⁻_ji| R⁻_j/N_j + |W⁻_ji| R_j/(P_j+N_j)]``
+    * Linear: ``C_i = x_i Σ_j [W⁺_ji R_j/P_j + |W⁻_ji| R_j/(P_j+N_j)]``
+
+    (safe divisions; the first two terms zeroed where P+N = 0, the last where N = 0); then
+    ``Γ = #{i: C_i ≠ 0}`` per sample over the whole input, ``δ = sdiv(ΣC − ΣR, Γ)``,
+    ``C_i ← C_i − δ`` where ``C_i ≠ 0``.
+    """
+
+    name = "rap-hidden"
+
+    def __init__(self, shift: bool = True):
+        self.shift = shift
+
+    def backward(self, step, R):
+        lm = LinearMap(step.node.module, step.node)
+        x = step.x.clamp(min=0)
+        Wp = _weights(step, lm, "pos")
+        P = lm.forward(x, Wp)
+        z = step.output
+        if lm.bias is not None:
+            z = z - lm.bias_shape(z).detach()
+        if bool((step.x < 0).any()):
+            # signed input: z is not P − N any more; compute N directly
+            N = -lm.forward(x, _weights(step, lm, "neg"))
+        else:
+            N = (P - z).clamp(min=0)
+        PN = P + N
+        m = PN != 0
+        Rp = R.clamp(min=0)
+        Rn = R.clamp(max=0)
+        last = torch.where(N != 0, sdiv(R, PN), torch.zeros((), dtype=R.dtype, device=R.device))
+        if lm.is_conv:
+            s_pos = sdiv(Rp, P) * m
+            s_neg = sdiv(Rn, N) * m + last
+        else:
+            s_pos = sdiv(R, P) * m
+            s_neg = last
+        k = R.shape[0]
+        g = lm.transpose(merge_kb(s_pos), Wp, x.shape[1:])
+        g = g + lm.transpose(merge_kb(s_neg), _weights(step, lm, "negabs"), x.shape[1:])
+        C = x.unsqueeze(0) * split_kb(g, k)
+        if self.shift:
+            C = uniform_shift(C, per_sample_sum(R))
+        return [C]
+
+
+def uniform_shift(C: Tensor, target_sum: Tensor) -> Tensor:
+    """``C_i ← C_i − δ`` on the non-zero entries, ``δ = sdiv(ΣC − target, Γ)``, ``Γ = #(C ≠ 0)``
+    counted per (target, sample) over the whole tensor (rap.md §2.3)."""
+    nz = C != 0
+    gamma = per_sample_sum(nz.to(C.dtype))
+    delta = sdiv(per_sample_sum(C) - target_sum, gamma)
+    return C - delta.view(*delta.shape, *([1] * (C.dim() - 2))) * nz

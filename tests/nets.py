@@ -1,0 +1,40 @@
+"""Model builders shared by the engine tests: torchvision architectures with random weights,
+non-zero biases and realistic BatchNorm statistics (re-estimated on random images)."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torchvision
+from torchvision.models.resnet import Bottleneck, ResNet
+
+
+def realistic(model: nn.Module, size: int = 64, seed: int = 0, n: int = 8) -> nn.Module:
+    """Random γ/β, non-zero biases, running statistics estimated on random images; eval mode."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)) and m.bias is not None:
+                m.bias.copy_((torch.rand(m.bias.shape, generator=g) - 0.5) * 0.1)
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                m.bias.copy_((torch.rand(m.bias.shape, generator=g) - 0.5) * 0.5)
+                m.reset_running_stats()
+                m.momentum = None
+        model.train()
+        model(torch.randn(n, 3, size, size, generator=g))
+        model.eval()
+    return model
+
+
+def build(arch: str, num_classes: int = 6, size: int = 64, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    if arch == "resnet-tiny":  # one bottleneck per stage
+        model = ResNet(Bottleneck, [1, 1, 1, 1], num_classes=num_classes)
+    else:
+        model = getattr(torchvision.models, arch)(num_classes=num_classes)
+    return realistic(model, size=size, seed=seed)
+
+
+def images(b: int = 2, size: int = 64, seed: int = 1, dtype=torch.float32) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, 3, size, size, generator=g).to(dtype)

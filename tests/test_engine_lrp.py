@@ -1,0 +1,238 @@
+"""The propagation engine with the reference LRP-α1β0: conservation, zennit agreement, batching."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from nets import build, images
+from zennit.attribution import Gradient
+from zennit.composites import SpecialFirstLayerMapComposite, layer_map_base
+from zennit.rules import AlphaBeta, ZBox
+from zennit.torchvision import ResNetBottleneckCanonizer
+from zennit.types import Convolution
+
+from cxr_explain.attribution import explain
+from cxr_explain.errors import CxrExplainError, UnsupportedOpError
+
+F64 = torch.float64
+ARCHS = ["vgg16", "vgg16_bn", "resnet18", "resnet50", "densenet121"]
+
+
+@pytest.fixture(scope="module")
+def models64():
+    cache = {}
+
+    def get(arch):
+        if arch not in cache:
+            cache[arch] = build(arch, size=64).to(F64)
+        return cache[arch]
+
+    return get
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_lrp_conserves_the_logit_in_float64(models64, arch):
+    model = models64(arch)
+    x = images(2, 64, dtype=F64)
+    e = explain(model, x, "lrp", target=[1, 4])
+    sums = e.maps.flatten(1).sum(1)
+    rel = (sums - e.explained).abs() / e.explained.abs()
+    assert rel.max() < 1e-5, (arch, sums, e.explained)
+    assert torch.isfinite(e.maps).all()
+    assert e.maps.shape == (2, 64, 64)
+    # the logit really is the model's output
+    torch.testing.assert_close(e.explained, model(x)[torch.arange(2), torch.tensor([1, 4])])
+
+
+def _zennit_lrp(model: nn.Module, x: torch.Tensor, target: int) -> torch.Tensor:
+    """zennit's composite matched to the authors' LRP (specs/rap.md §8), batch of one."""
+    rule = AlphaBeta(1.0, 0.0, stabilizer=1e-13, zero_params=["bias"])
+    composite = SpecialFirstLayerMapComposite(
+        layer_map=layer_map_base(1e-13) + [(Convolution, rule), (nn.Linear, rule)],
+        first_map=[(Convolution, ZBox(x.min(), x.max(), stabilizer=1e-13))],
+        canonizers=[ResNetBottleneckCanonizer()],
+    )
+    with Gradient(model, composite) as attributor:
+        _, rel = attributor(x, lambda out: out * F.one_hot(torch.tensor([target]), out.shape[1]).to(out))
+    return rel.sum(1)[0]
+
+
+@pytest.mark.parametrize("arch", ["vgg16", "resnet50"])
+def test_lrp_equals_zennit_matched_composite(models64, arch):
+    model = models64(arch)
+    x = images(1, 64, seed=3, dtype=F64)
+    ours = explain(model, x, "lrp", target=3).maps[0]
+    ref = _zennit_lrp(model, x, 3)
+    assert ((ours - ref).abs().max() / ref.abs().max()) < 1e-6
+
+
+def test_lrp_negative_logit_target_conserves(models64):
+    model = models64("resnet50")
+    x = images(1, 64, seed=5, dtype=F64)
+    logits = model(x)[0]
+    t = int(logits.argmin())
+    assert logits[t] < 0
+    e = explain(model, x, "lrp", target=t)
+    assert abs(float(e.maps.sum()) - float(logits[t])) < 1e-5 * abs(float(logits[t].detach()))
+    ref = _zennit_lrp(model, x, t)
+    assert ((e.maps[0] - ref).abs().max() / ref.abs().max()) < 1e-6
+
+
+@pytest.mark.parametrize("method", ["lrp", "rap", "gradient-x-input", "gradcam", "cam"])
+def test_batch_equals_single_calls_and_target_lists_equal_separate_calls(method):
+    model = build("resnet18", size=64).to(F64)
+    x = images(3, 64, seed=7, dtype=F64)
+    batch = explain(model, x, method, target=[0, 2, 5])
+    for i, t in enumerate([0, 2, 5]):
+        single = explain(model, x[i:i + 1], method, target=t)
+        torch.testing.assert_close(batch.maps[i], single.maps[0], rtol=1e-9, atol=1e-12)
+    lists = explain(model, x, method, target=[[0, 1], [2, 3], [5, 4]])
+    assert lists.maps.shape == (3, 2, 64, 64)
+    for j, per_image in enumerate([[0, 2, 5], [1, 3, 4]]):
+        separate = explain(model, x, method, target=per_image)
+        torch.testing.assert_close(lists.maps[:, j], separate.maps, rtol=1e-9, atol=1e-12)
+
+
+def test_ragged_target_lists_are_padded():
+    model = build("resnet18", size=64)
+    x = images(2, 64)
+    e = explain(model, x, "lrp", target=[[1, 2, 3], [4]])
+    assert e.targets.tolist() == [[1, 2, 3], [4, -1, -1]]
+    assert torch.all(e.maps[1, 1:] == 0)
+    assert torch.isnan(e.explained[1, 1:]).all()
+    single = explain(model, x[1:], "lrp", target=4)
+    torch.testing.assert_close(e.maps[1, 0], single.maps[0], rtol=1e-4, atol=1e-6)
+
+
+def test_deterministic_on_cpu():
+    model = build("densenet121", size=64)
+    x = images(2, 64)
+    a = explain(model, x, "lrp", target="predicted").maps
+    b = explain(model, x, "lrp", target="predicted").maps
+    assert torch.equal(a, b)
+
+
+def test_float32_default_and_float64_on_request():
+    model = build("resnet18", size=64)
+    x = images(1, 64)
+    e32 = explain(model, x, "lrp", target=1)
+    e64 = explain(model, x, "lrp", target=1, dtype=F64)
+    assert e32.maps.dtype == torch.float32 and e64.maps.dtype == F64
+    assert next(model.parameters()).dtype == torch.float32  # the user's model is not converted
+    corr = torch.corrcoef(torch.stack([e32.maps.flatten().double(), e64.maps.flatten()]))[0, 1]
+    assert corr > 0.999
+
+
+def test_layer_sums_report_where_relevance_is():
+    model = build("resnet18", size=64).to(F64)
+    e = explain(model, images(1, 64, dtype=F64), "lrp", target=2)
+    fc = [n for n in e.layer_sums if n == "fc"][0]
+    assert abs(float(e.layer_sums[fc]) - float(e.explained)) < 1e-9
+    assert max(float(v.abs().max()) for v in e.leaks.values()) < 1e-6 * abs(float(e.explained))
+
+
+class _InPlaceNet(nn.Module):
+    """Functional ops, in-place ReLU and ``+=``, fan-out and cat, a sigmoid at the end."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.a = nn.Conv2d(16, 16, 3, padding=1)
+        self.b = nn.Conv2d(16, 16, 1)  # wide enough that no channel has only negative weights
+        self.fc = nn.Linear(48, 3)
+
+    def forward(self, x):
+        h = F.relu(self.conv(x), inplace=True)
+        y = self.a(h)
+        y += self.b(h)
+        y = F.relu(y, inplace=True)
+        z = torch.cat([y, h, F.max_pool2d(h, 3, 1, 1)], 1)
+        z = F.adaptive_avg_pool2d(z, 1)
+        return torch.sigmoid(self.fc(torch.flatten(z, 1)))
+
+
+def test_functional_inplace_model_conserves_and_explains_logits():
+    torch.manual_seed(0)
+    model = _InPlaceNet().to(F64)
+    x = torch.randn(2, 3, 8, 8, dtype=F64)
+    e = explain(model, x, "lrp", target=[0, 1])
+    # logits, not probabilities (the sigmoid is skipped)
+    logits = torch.logit(model(x))
+    torch.testing.assert_close(e.explained, logits[torch.arange(2), torch.tensor([0, 1])])
+    # bookkeeping is exact: what the map lacks is what the rules reported as lost (here z⁺ zero
+    # denominators at the 1×1 conv whose signed output enters the add)
+    lost = sum(v for v in e.leaks.values())
+    torch.testing.assert_close(e.maps.flatten(1).sum(1) + lost, e.explained, rtol=1e-10, atol=1e-12)
+    assert (e.conservation_error < 0.05).all()
+
+
+class _GeluNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.act = nn.GELU()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(F.adaptive_avg_pool2d(self.act(self.conv(x)), 1).flatten(1))
+
+
+def test_unknown_op_is_an_error_naming_the_node():
+    with pytest.raises(UnsupportedOpError, match=r"node 'act' \(op GELU, module act\)"):
+        explain(_GeluNet(), torch.randn(1, 3, 8, 8), "lrp", target=0)
+    # gradient methods need no rules
+    assert explain(_GeluNet(), torch.randn(1, 3, 8, 8), "gradient", target=0).maps.shape == (1, 8, 8)
+
+
+@pytest.mark.parametrize("target, message", [
+    ([1, 2, 3], "3 targets for 2 images"),
+    (9, "out of range"),
+    ("Nodule", "no label names"),
+])
+def test_bad_targets_are_one_line_errors(target, message):
+    model = build("resnet18", size=32)
+    with pytest.raises(CxrExplainError, match=message):
+        explain(model, images(2, 32), "lrp", target=target)
+
+
+def test_unknown_method_suggests_close_names():
+    with pytest.raises(CxrExplainError, match="did you mean rap"):
+        explain(build("resnet18", size=32), images(1, 32), "rapp")
+
+
+def test_label_names_are_targets():
+    model = build("resnet18", num_classes=3, size=32)
+    model.labels = ["Atelectasis", "Cardiomegaly", "Effusion"]
+    e = explain(model, images(1, 32), "lrp", target="cardiomegaly")
+    assert int(e.targets) == 1
+    with pytest.raises(CxrExplainError, match="did you mean Effusion"):
+        explain(model, images(1, 32), "lrp", target="Efusion")
+
+
+def test_conservation_warning_names_the_leaking_node():
+    model = build("resnet18", size=32)
+    with torch.no_grad():
+        model.fc.weight.clamp_(max=0)  # every z+ denominator of the head is 0: all relevance is lost there
+    with pytest.warns(RuntimeWarning, match="lost at node 'fc'"):
+        explain(model, images(1, 32), "lrp", target=0)
+
+
+@pytest.mark.parametrize("method", ["lrp-epsilon", "lrp-epsilon-plus", "lrp-zplus-flat", "lrp-a2b1"])
+def test_other_lrp_composites_run_and_are_finite(method):
+    model = build("vgg16_bn", size=32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        e = explain(model, images(2, 32), method, target=[0, 1])
+    assert torch.isfinite(e.maps).all() and e.maps.abs().sum() > 0
+
+
+def test_zplus_flat_conserves_and_epsilon_absorbs():
+    model = build("resnet18", size=32).to(F64)
+    x = images(1, 32, dtype=F64)
+    flat = explain(model, x, "lrp-zplus-flat", target=1)
+    assert abs(float(flat.maps.sum() - flat.explained)) < 1e-6 * abs(float(flat.explained))
+    # flat first layer: relevance at an input pixel does not depend on the pixel's own value sign
+    assert (flat.maps.sign() == flat.explained.sign()).float().mean() > 0.99
