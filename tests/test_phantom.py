@@ -217,3 +217,64 @@ def test_bad_arguments_raise_one_line_errors(tmp_path):
         with pytest.raises(CxrExplainError) as e:
             generate(tmp_path / "x", n=2, size=64, progress=False, **kw)
         assert "\n" not in str(e.value)
+
+
+def test_round_trip_through_nih_reader(tmp_path):
+    import warnings
+
+    from cxr_explain.data.labels import CHEXNET_FINDINGS
+    from cxr_explain.data.nih import NIHDataset, read_bbox_list, read_data_entry
+
+    out = generate(tmp_path / "nih", n=12, seed=6, size=96, workers=1, progress=False)
+    truth = {f"{ph.image_id}.png": ph for ph in (render_phantom(i, seed=6, size=96) for i in range(12))}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ds = NIHDataset(out, split=None, image_size=96)
+        assert len(ds) == 12
+        assert len(read_data_entry(out / "Data_Entry_2017.csv")) == 12
+        boxes = read_bbox_list(out / "BBox_List_2017.csv", image_size=96)
+        for i in range(len(ds)):
+            s = ds[i]
+            ph = truth[Path(s.path).name]
+            want = np.array([f in ph.findings for f in CHEXNET_FINDINGS], dtype=float)
+            assert np.array_equal(np.asarray(s.labels, dtype=float), want)
+            assert sorted(s.boxes, key=lambda b: b.finding) == sorted((l.box for l in ph.lesions), key=lambda b: b.finding)
+            assert sorted(s.masks) == ph.findings
+            for f, m in s.masks.items():
+                assert np.array_equal(m, ph.finding_mask(f))
+        assert sum(len(v) for v in boxes.values()) == sum(len(ph.lesions) for ph in truth.values())
+        for split in ("train", "test"):
+            names = {Path(ds_s.path).name for ds_s in NIHDataset(out, split=split, image_size=96).samples}
+            assert names == {k for k, ph in truth.items() if ph.split == split}
+
+
+def test_round_trip_through_rsna_reader(tmp_path):
+    import warnings
+
+    from cxr_explain.data.rsna import RSNADataset
+
+    cfg = PhantomConfig(prevalence={f: (0.5 if f == "Pneumonia" else 0.1) for f in FINDINGS})
+    out = generate(tmp_path / "rsna", n=10, seed=8, layout="rsna", size=96, config=cfg, workers=1,
+                   progress=False)
+    truth = {ph.image_id: ph for ph in (render_phantom(i, seed=8, size=96, config=cfg, layout="rsna")
+                                        for i in range(10))}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ds = RSNADataset(out, split=None, image_size=96)
+        assert len(ds) == 10
+        n_pos = 0
+        for i in range(len(ds)):
+            s = ds[i]
+            ph = truth[s.image_id]
+            pos = "Pneumonia" in ph.findings
+            n_pos += pos
+            assert float(s.labels[0]) == float(pos)
+            want = sorted((l.box for l in ph.lesions if l.finding == "Pneumonia"), key=lambda b: (b.x, b.y))
+            assert sorted(s.boxes, key=lambda b: (b.x, b.y)) == want
+            if pos:
+                assert np.array_equal(s.masks["Pneumonia"], ph.finding_mask("Pneumonia"))
+            else:
+                assert not s.masks
+        assert n_pos >= 1
+        test_ids = {s.image_id for s in RSNADataset(out, split="test", image_size=96).samples}
+        assert test_ids == {k for k, ph in truth.items() if ph.split == "test"}

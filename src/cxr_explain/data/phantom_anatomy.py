@@ -76,9 +76,9 @@ def sample_anatomy(rng_patient: np.random.Generator, rng_image: np.random.Genera
     cx = 0.5 + ri.normal(0, 0.015)
     theta = np.deg2rad(ri.normal(0, 1.6))
     insp = ri.uniform(0.9, 1.07)  # inspiration depth
-    T = 0.395 * sc * rp.uniform(0.95, 1.05)
-    v_apex = 0.11 + ri.normal(0, 0.018) + (1 - sc) * 0.08
-    H = 0.58 * sc * insp
+    T = 0.42 * sc * rp.uniform(0.95, 1.05)
+    v_apex = 0.095 + ri.normal(0, 0.015) + (1 - sc) * 0.08
+    H = 0.63 * sc * insp
     v_cp = {s: v_apex + H * (1 + (0.03 if s == -1 else 0)) for s in (-1, 1)}
     dome_h = rp.uniform(0.08, 0.12) * sc
     v_dome = {-1: v_cp[-1] - dome_h - 0.02, 1: v_cp[1] - dome_h}
@@ -88,13 +88,13 @@ def sample_anatomy(rng_patient: np.random.Generator, rng_image: np.random.Genera
         v_dome[raised_side] -= 0.04
     ctr = ri.uniform(0.56, 0.68) if cardiomegaly else rp.uniform(0.40, 0.50)
     w_h = ctr * 2 * T
-    a_r, a_l = 0.36 * w_h, 0.64 * w_h
+    a_r, a_l = 0.32 * w_h, 0.68 * w_h
     uc = cx + (a_l - a_r) / 2
     a_ax = w_h / 2 * 1.02
     b_ax = a_ax * rp.uniform(0.7, 0.8) * (1.22 if cardiomegaly else 1.0)
     v_mean_dome = 0.5 * (v_dome[-1] + v_dome[1])
     vc = v_mean_dome + 0.05 - b_ax * 0.72
-    tilt = np.deg2rad(rp.uniform(8, 20))
+    tilt = np.deg2rad(rp.uniform(12, 26))
     v_clip = v_mean_dome + 0.05
     hilum = {s: (cx + s * 0.085 * sc, v_apex + 0.25 * sc) for s in (-1, 1)}
     an = Anatomy(cx=cx, sc=sc, theta=theta, T=T, v_apex=v_apex, v_cp=v_cp, v_dome=v_dome, ctr=ctr,
@@ -102,7 +102,7 @@ def sample_anatomy(rng_patient: np.random.Generator, rng_image: np.random.Genera
     # lung outlines
     for s in (-1, 1):
         a_mt = 0.045 * sc + (0.012 if s == 1 else 0.0)
-        a_l1 = rp.uniform(0.26, 0.29) * sc
+        a_l1 = rp.uniform(0.31, 0.34) * sc
         a_c, r_h, r_v = (a_mt + a_l1) / 2, (a_l1 - a_mt) / 2, 0.07 * sc
         phi = np.linspace(np.pi, 0, 24)
         apex = np.stack([a_c + r_h * np.cos(phi), v_apex + r_v - r_v * np.sin(phi)], -1)
@@ -123,7 +123,7 @@ def sample_anatomy(rng_patient: np.random.Generator, rng_image: np.random.Genera
     an.heart_poly = _heart_polygon(an)
     an.knob_poly = _ellipse(cx + 0.05 * sc, v_apex + 0.155 * sc, 0.04 * sc, 0.032 * sc)
     an.body = {
-        "neck": rp.uniform(0.10, 0.13) * sc, "shoulder": rp.uniform(0.55, 0.68) * sc,
+        "neck": rp.uniform(0.15, 0.19) * sc, "shoulder": rp.uniform(0.55, 0.68) * sc,
         "v_sh": v_apex - rp.uniform(0.0, 0.05), "fat": rp.uniform(0.8, 1.3),
         "arm_gap": rp.uniform(0.0, 0.03),
     }
@@ -254,21 +254,19 @@ def render_anatomy(an: Anatomy, rng: np.random.Generator, size: int,
     mu += 0.3 * np.clip((V - v_d + 0.01) / 0.04, 0, 1) * np.clip((1.1 - ax / a_cp) / 0.2, 0, 1) * body
     # trachea (air column down to the carina)
     tr = np.exp(-(x / (0.018 * sc)) ** 2) * np.clip((an.v_apex + 0.2 * sc - V) / 0.05, 0, 1)
-    mu -= 0.22 * tr
+    mu -= 0.3 * tr
     # --- heart and aortic knob ---
-    heart = polygon_mask(an, [an.heart_poly], size).astype(np.float32)
-    knob = polygon_mask(an, [an.knob_poly], size).astype(np.float32)
-    mu += 0.12 * gaussian_filter(heart + 0.8 * knob, 4.0 * size / 512)
+    # (the heart shows as the air-free silhouette between the lungs; no extra density)
     # --- lungs (air) ---
     lf = gaussian_filter(lung_field.astype(np.float32), 2.5 * size / 512)
     depth = np.clip((V - an.v_apex) / (0.45 * sc), 0.2, 1.0) ** 0.5
     lat = np.clip(1 - ((ax - 0.18 * sc) / (0.25 * sc)) ** 2, 0.3, 1)
-    mu -= 0.75 * lf * (0.5 + 0.5 * depth * lat)
+    mu -= 0.64 * lf * (0.5 + 0.5 * depth * lat)
     # --- posterior ribs: periodic bands along v - g(x) ---
     xr = ax / an.T
     rib_zone = (xr > 0.07) & (xr < 1.12)
     dv = 0.06 * sc * (1 + 0.25 * xr)
-    w = V - (an.v_apex - 0.045) + 0.03 * sc * xr - 0.14 * sc * xr ** 2
+    w = V - (an.v_apex - 0.04) + 0.07 * sc * xr - 0.2 * sc * xr ** 2
     ph = w / dv
     fr = ph % 1.0
     k = np.floor(ph)
@@ -278,22 +276,22 @@ def render_anatomy(an: Anatomy, rng: np.random.Generator, size: int,
     cortex = np.clip(1 - d * d, 0, None)
     rib = np.where(ok & (np.abs(d) < 1), 0.55 * cortex ** 0.4 + 0.45 * np.abs(d) ** 6, 0)
     rib *= np.clip((1.12 - xr) / 0.1, 0, 1) * np.clip((max(an.v_cp.values()) + 0.06 - V) / 0.08, 0, 1)
-    mu += 0.16 * rib
+    mu += 0.2 * rib * (0.35 + 0.65 * lf)
     # faint anterior ribs (opposite curvature)
     wa = V - (an.v_apex + 0.05) - 0.18 * sc * (1 - xr) ** 2
     fa = (wa / (0.055 * sc)) % 1.0
     ka = np.floor(wa / (0.055 * sc))
     ant = np.where((xr > 0.2) & (xr < 1.0) & (ka >= 0) & (ka < 6), _band(fa - 0.2, 0.15), 0)
-    mu += 0.05 * ant
+    mu += 0.03 * ant * lf
     # lateral ribcage edge (soft tissue + rib ends beyond the lung)
     # --- clavicles ---
     for s in (-1, 1):
         xs = s * x / sc  # lateral distance, signed so positive is lateral on this side
         vc = an.v_apex + 0.075 * sc - 0.22 * (xs - 0.05) + 0.5 * (xs - 0.12) ** 2
         zone = (xs > 0.035) & (xs < 0.34)
-        cl = np.where(zone, _band(V - vc, 0.016 * sc), 0) * np.clip((0.34 - xs) / 0.03, 0, 1)
+        cl = np.where(zone, _band(V - vc, 0.02 * sc), 0) * np.clip((0.34 - xs) / 0.03, 0, 1)
         cl *= np.clip((xs - 0.035) / 0.02, 0, 1)
-        mu += 0.22 * cl ** 0.5
+        mu += 0.3 * cl ** 0.5
     # --- breast shadows ---
     if an.sex == "F":
         for s in (-1, 1):
@@ -308,11 +306,11 @@ def render_anatomy(an: Anatomy, rng: np.random.Generator, size: int,
     # --- vessels and parenchymal texture ---
     ves = _vessel_image(an, rng, size)
     ves = gaussian_filter(ves, 0.7 * size / 512)
-    tex = smooth_noise(rng, size, 48) * 0.5 + smooth_noise(rng, size, 16)
+    tex = smooth_noise(rng, size, 64) * 0.6 + smooth_noise(rng, size, 20)
     lm = lf if suppress is None else lf * (1 - suppress)
     fade = np.clip(1.25 - np.hypot(U - np.where(x < 0, an.hilum[-1][0], an.hilum[1][0]),
                                    V - an.hilum[1][1]) / (0.3 * sc), 0.15, 1)
-    mu += (0.16 * ves * fade + 0.025 * tex) * lm
+    mu += (0.2 * ves * fade + 0.045 * tex) * lm
     if suppress is not None:
         mu -= 0.08 * suppress * lf
     return mu.astype(np.float32)
