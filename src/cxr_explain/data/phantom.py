@@ -83,6 +83,12 @@ class PhantomConfig:
             raise CxrExplainError(f"PhantomConfig.shortcut_target {self.shortcut_target!r} is not one of {', '.join(FINDINGS)}")
         if len(self.split) != 3 or abs(sum(self.split) - 1) > 1e-6 or min(self.split) < 0:
             raise CxrExplainError(f"PhantomConfig.split {self.split!r} must be 3 non-negative fractions summing to 1")
+        for name in ("p_no_finding", "shortcut_p_pos", "shortcut_p_neg", "shortcut_p_eval"):
+            if not 0.0 <= float(getattr(self, name)) <= 1.0:
+                raise CxrExplainError(f"PhantomConfig.{name} = {getattr(self, name)} must be a probability in [0, 1]")
+        for f, p in self.prevalence.items():
+            if not 0.0 <= float(p) <= 1.0:
+                raise CxrExplainError(f"PhantomConfig.prevalence[{f!r}] = {p} must be a probability in [0, 1]")
         if self.images_per_patient < 1:
             raise CxrExplainError("PhantomConfig.images_per_patient must be >= 1")
 
@@ -204,9 +210,9 @@ def render_phantom(index: int, seed: int = 0, size: int = 1024, config: PhantomC
         if m.any():
             lesions.append(Lesion(P.finding, m, Box(P.finding, *mask_box(m))))
     # film response with per-image exposure
-    k_exp = rng.uniform(0.85, 1.2)
-    lo, hi = rng.uniform(0.0, 0.12), rng.uniform(0.78, 0.95)
-    gamma = rng.uniform(0.75, 1.5)
+    k_exp = rng.uniform(0.8, 1.15)
+    lo, hi = rng.uniform(0.0, 0.12), rng.uniform(0.84, 0.98)
+    gamma = rng.uniform(0.75, 1.45)
     img = tone_map(mu, k_exp, lo, hi, gamma)
     if cfg.distractors:
         draw_distractors(rng, an, size, img)
@@ -419,6 +425,8 @@ def generate(out_dir, n: int, seed: int = 0, layout: str = "nih", size: int = 10
         raise CxrExplainError(f"unknown phantom layout {layout!r}; use 'nih' or 'rsna'")
     if shortcut is not None and shortcut not in SHORTCUTS:
         raise CxrExplainError(f"unknown shortcut {shortcut!r}; use one of {', '.join(SHORTCUTS)} or none")
+    if int(size) < 64:
+        raise CxrExplainError(f"phantom size {size} is too small; use 64 or more (1024 = NIH)")
     if n < 1:
         raise CxrExplainError(f"phantom n = {n}: ask for at least 1 image")
     out = Path(out_dir)
@@ -437,8 +445,11 @@ def generate(out_dir, n: int, seed: int = 0, layout: str = "nih", size: int = 10
     else:
         n_total = n
     img_dir = "images" if layout == "nih" else "stage_2_train_images"
-    for d in (img_dir, "masks", "lungs", "records") + (("cues",) if shortcut else ()):
-        (out / d).mkdir(parents=True, exist_ok=True)
+    try:
+        for d in (img_dir, "masks", "lungs", "records") + (("cues",) if shortcut else ()):
+            (out / d).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"{out}: cannot create the output folders ({e.strerror}); choose a writable --out") from None
     pfile.write_text(json.dumps({**params, "n": n_total}, indent=1))
     recs: dict[int, dict] = {}
     todo = []

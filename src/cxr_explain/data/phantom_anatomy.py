@@ -133,6 +133,11 @@ def sample_anatomy(rng_patient: np.random.Generator, rng_image: np.random.Genera
 def _heart_polygon(an: Anatomy) -> np.ndarray:
     uc, vc, a, b, tilt, v_clip = an.heart
     e = _ellipse(uc, vc, a, b, tilt, n=96)
+    # pear shape: the upper half narrows toward the mediastinum (great vessels)
+    top = e[:, 1].min()
+    t = np.clip((e[:, 1] - top) / max(vc - top, 1e-6), 0, 1)
+    squeeze = np.where(e[:, 1] < vc, 0.55 + 0.45 * np.sqrt(t), 1.0)
+    e[:, 0] = an.cx + 0.01 + (e[:, 0] - an.cx - 0.01) * squeeze
     e[:, 1] = np.minimum(e[:, 1], v_clip)
     return e
 
@@ -234,12 +239,11 @@ def render_anatomy(an: Anatomy, rng: np.random.Generator, size: int,
     neck = np.clip(1 - (x / b["neck"]) ** 2, 0, None) ** 0.5
     trunk_w = b["shoulder"] + 0.05 * np.clip(V - 0.5, 0, None)
     trunk = np.clip(1 - (x / trunk_w) ** 2, 0, None) ** 0.5 * shoulder
-    body = np.maximum(trunk, neck)
+    body = np.maximum(trunk, 0.8 * neck)
     body = gaussian_filter(body, 1.5 * size / 512)
     mu = (0.8 + 0.25 * b["fat"]) * body
     # --- mediastinum and spine ---
     med = np.exp(-(x / (0.075 * sc)) ** 2) * np.clip((V - an.v_apex + 0.15) / 0.2, 0, 1)
-    mu += 0.35 * med
     period = 0.042 * sc
     phase = ((V - an.v_apex) / period) % 1.0
     vert = 0.7 + 0.3 * _band(phase - 0.5, 0.5) ** 0.3
@@ -251,7 +255,10 @@ def render_anatomy(an: Anatomy, rng: np.random.Generator, size: int,
     xs_ = np.clip(ax / a_cp, 0, 1.2)
     v_d = np.where(x < 0, an.v_dome[-1], an.v_dome[1]) + (
         np.where(x < 0, an.v_cp[-1] - an.v_dome[-1], an.v_cp[1] - an.v_dome[1])) * np.clip((xs_ - 0.55) / 0.45, 0, None) ** 2
-    mu += 0.3 * np.clip((V - v_d + 0.01) / 0.04, 0, 1) * np.clip((1.1 - ax / a_cp) / 0.2, 0, 1) * body
+    abd = np.clip((V - v_d + 0.01) / 0.04, 0, 1) * np.clip((1.1 - ax / a_cp) / 0.2, 0, 1)
+    # heart: about as dense as the liver below it, so its lower border merges with the diaphragm
+    heart = gaussian_filter(polygon_mask(an, [an.heart_poly], size).astype(np.float32), 3.0 * size / 512)
+    mu += 0.33 * np.maximum(np.maximum(abd * body, 0.9 * heart), med)
     # trachea (air column down to the carina)
     tr = np.exp(-(x / (0.018 * sc)) ** 2) * np.clip((an.v_apex + 0.2 * sc - V) / 0.05, 0, 1)
     mu -= 0.3 * tr
@@ -295,9 +302,9 @@ def render_anatomy(an: Anatomy, rng: np.random.Generator, size: int,
     # --- breast shadows ---
     if an.sex == "F":
         for s in (-1, 1):
-            bu, bv = cx + s * 0.22 * sc, an.v_dome[s] + 0.02
-            r = np.hypot((U - bu) / (0.15 * sc), (V - bv) / (0.11 * sc))
-            mu += 0.18 * gaussian_filter(np.clip(1 - r ** 2, 0, None) ** 0.5, 3 * size / 512)
+            bu, bv = cx + s * 0.24 * sc, an.v_dome[s] + 0.05
+            r = np.hypot((U - bu) / (0.17 * sc), (V - bv) / (0.13 * sc))
+            mu += 0.1 * gaussian_filter(np.clip(1 - r ** 2, 0, None) ** 0.5, 3 * size / 512)
     # --- gastric bubble ---
     if rng.random() < 0.6:
         gu, gv = cx + 0.13 * sc, an.v_dome[1] + 0.05 * sc
