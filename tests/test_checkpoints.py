@@ -27,7 +27,7 @@ from cxr_explain.models import (
     save_checkpoint,
 )
 
-X3 = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+X3 = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 X1 = X3[:, :1]
 
 
@@ -191,6 +191,20 @@ def test_pickled_xrv_object_loads_without_torchxrayvision(tmp_path: Path, monkey
     _assert_same_weights(src_model.state_dict(), model)
 
 
+def test_xrv_style_wrapped_resnet(tmp_path: Path) -> None:
+    """xrv's ResNet keeps torchvision's under ``model.`` with op_threshs at the root."""
+    torch.manual_seed(6)
+    src_model = build_model("resnet18", labels="xrv", in_channels=1, preprocessing="xrv")
+    src = src_model.state_dict()
+    path = tmp_path / "xrv-resnet.pt"
+    torch.save({"op_threshs": torch.rand(18), **{"model." + k: v for k, v in src.items()}}, path)
+    model, spec, report = load_checkpoint(path)
+    assert report.format == "torchxrayvision" and report.dropped == ["op_threshs"]
+    assert report.remapped == {"strip prefix 'model.'": len(src)}
+    assert spec.preprocessing == "xrv" and spec.input_size == 512
+    _assert_same_weights(src, model)
+
+
 @pytest.mark.parametrize("prefix", ["", "module."])
 def test_plain_resnet_state_dict_infers_arch_and_loads(tmp_path: Path, prefix: str) -> None:
     torch.manual_seed(1)
@@ -258,6 +272,16 @@ def test_many_missing_keys_are_previewed(tmp_path: Path, r18: dict[str, torch.Te
         load_checkpoint(path, arch="resnet34")
     msg = _one_line(info)
     assert re.search(r"\d+ missing key\(s\) \[layer1\.2\.conv1\.weight, .*\(\+\d+ more\)\]", msg)
+    assert "keys look like resnet18 with 3 outputs" in msg
+
+
+def test_wrong_arch_names_what_the_keys_look_like(tmp_path: Path, r18: dict[str, torch.Tensor]) -> None:
+    path = tmp_path / "r18.pt"
+    torch.save(r18, path)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path, arch="vgg16")
+    msg = _one_line(info)
+    assert "does not fit vgg16 (num_classes=3" in msg and "unexpected key(s) [conv1.weight" in msg
     assert "keys look like resnet18 with 3 outputs" in msg
 
 

@@ -254,6 +254,11 @@ def _wrapper_prefix(keys: Any) -> str:
 
 def _normalise_keys(sd: dict[str, Any], report: LoadReport, info: dict[str, Any]) -> dict[str, Any]:
     """Strip wrapper prefixes, rename legacy DenseNet names and Sequential heads, drop op_threshs."""
+    if "op_threshs" in sd:
+        thr = sd.pop("op_threshs")
+        report.dropped.append("op_threshs")
+        info["op_threshs"] = [float(x) for x in torch.as_tensor(thr).flatten().tolist()]
+        report.notes.append("op_threshs dropped: the model outputs raw logits (no xrv op_norm)")
     prefix = _wrapper_prefix(sd)
     if prefix:
         sd = _rename(sd, lambda k: k[len(prefix):], f"strip prefix '{prefix}'", report)
@@ -269,11 +274,6 @@ def _normalise_keys(sd: dict[str, Any], report: LoadReport, info: dict[str, Any]
     if "layer1.0.conv1.weight" in sd and "fc.0.weight" in sd and not any(
             re.match(r"fc\.[1-9]", k) for k in sd):
         sd = _rename(sd, lambda k: re.sub(r"^fc\.0\.", "fc.", k), "Sequential head fc.0 -> fc", report)
-    if "op_threshs" in sd:
-        thr = sd.pop("op_threshs")
-        report.dropped.append("op_threshs")
-        info["op_threshs"] = [float(x) for x in torch.as_tensor(thr).flatten().tolist()]
-        report.notes.append("op_threshs dropped: the model outputs raw logits (no xrv op_norm)")
     return sd
 
 
@@ -399,10 +399,12 @@ def load_checkpoint(
         build_model(use_arch)  # raises the zoo's one-line "unknown architecture" error
     fam = _family(use_arch)
     conv = sd.get(_FIRST_CONV[fam])
-    in_ch = int(conv.shape[1]) if isinstance(conv, torch.Tensor) and conv.ndim == 4 and \
-        conv.shape[1] in (1, 3) else 3
+    in_ch = int(conv.shape[1]) if isinstance(conv, torch.Tensor) and conv.ndim == 4 else \
+        (inferred[2] if inferred and inferred[2] else 3)
+    in_ch = in_ch if in_ch in (1, 3) else 3  # anything else fails below as a shape mismatch
     head = sd.get(_HEAD[fam])
-    n_file = int(head.shape[0]) if isinstance(head, torch.Tensor) and head.ndim == 2 else None
+    n_file = int(head.shape[0]) if isinstance(head, torch.Tensor) and head.ndim == 2 else \
+        (inferred[1] if inferred else None)
     n_cls = num_classes or n_file
     if n_cls is None:
         raise CheckpointError(f"{p} has no {_HEAD[fam]} to size the head from; pass num_classes=")
@@ -412,7 +414,7 @@ def load_checkpoint(
     if fmt is None:
         if fam == "densenet" and _wrapper_prefix(raw_keys) == "module.densenet121.":
             fmt = "arnoweng-chexnet"
-        elif fam == "densenet" and (in_ch == 1 and n_file == 18 or "op_threshs" in info):
+        elif "op_threshs" in info or (fam == "densenet" and in_ch == 1 and n_file == 18):
             fmt = "torchxrayvision"
         else:
             fmt = "torchvision-state-dict"
@@ -435,13 +437,15 @@ def load_checkpoint(
             why = f"labels guessed from the class count ({n_cls}): {_preview(labels, 3)}; pass labels="
         if why:
             report.notes.append(why)
-    preprocessing = "xrv" if fmt == "torchxrayvision" else ("gray" if in_ch == 1 else "imagenet-rgb")
+    xrv = fmt == "torchxrayvision" and in_ch == 1
+    preprocessing = "xrv" if xrv else ("gray" if in_ch == 1 else "imagenet-rgb")
+    input_size = 512 if xrv and fam == "resnet" else 224  # xrv resnet50-res512-all
     provenance: dict[str, Any] = {"file": str(p.resolve()), "sha256": _sha256(p), "format": fmt}
     if fmt in ("arnoweng-chexnet", "jrzech-chexnet"):
         provenance["original_output"] = "sigmoid (removed: the model outputs logits)"
     provenance.update({k: v for k, v in info.items() if k != "pathologies"})
     model = build_model(use_arch, n_cls, labels, in_ch, preprocessing=preprocessing,
-                        provenance=provenance)
+                        input_size=input_size, provenance=provenance)
     why = f"the keys look like {inferred[0]} with {inferred[1]} outputs" if inferred else \
         "the keys match no supported architecture"
     _strict_load(model, sd, report,
@@ -455,7 +459,7 @@ def _load_own(p: Path, sd: dict[str, Any], raw: Mapping[str, Any], arch: str | N
               num_classes: int | None, labels: Any, notes: list[str]) -> tuple[nn.Module, ModelSpec, LoadReport]:
     try:
         spec = ModelSpec.from_dict(raw)
-    except (TypeError, KeyError) as exc:
+    except (TypeError, KeyError, CxrExplainError) as exc:
         raise CheckpointError(f"{p} is a damaged {OWN_FORMAT} file ({_one_line(exc, 80)}); re-save it") from None
     if arch is not None and arch != spec.arch:
         raise CheckpointError(f"{p} holds a {spec.arch} model but arch={arch!r} was requested; "
