@@ -34,6 +34,9 @@ class Explanation:
     ``raw_maps``: CAM-type maps at feature resolution (e.g. 7×7), same layout. ``targets`` /
     ``explained``: the explained class per map and its logit (−1 / NaN for padding).
     ``layer_sums``: Σ relevance at each node's output (node name -> same layout as ``explained``).
+    ``leaks``: per node, the relevance its rule lost (Σ at its output − Σ passed to its inputs).
+    ``relevances``: the full relevance at the nodes named in ``keep_relevance`` (module path or
+    node name), laid out like ``maps`` with the node's own shape.
     ``conservation_error``: |Σ map − logit| / |logit| for conserving methods, else None.
     """
 
@@ -46,6 +49,7 @@ class Explanation:
     raw_maps: Optional[Tensor] = None
     layer_sums: dict[str, Tensor] = field(default_factory=dict)
     leaks: dict[str, Tensor] = field(default_factory=dict)
+    relevances: dict[str, Tensor] = field(default_factory=dict)
     conservation_error: Optional[Tensor] = None
 
     def numpy(self):
@@ -153,6 +157,7 @@ def explain(
     check_conservation: bool = True,
     method_options: Optional[dict] = None,
     ig_steps: int = 32,
+    keep_relevance: Sequence[str] = (),
 ) -> Explanation:
     """Explain ``model``'s outputs on ``images`` (B, C, H, W) — or (C, H, W) — with ``method``.
 
@@ -160,6 +165,7 @@ def explain(
     or a list of classes per image (all explained in one pass; ragged lists are padded with −1).
     ``dtype``: e.g. ``torch.float64`` for reference-grade numbers (the model is copied).
     ``layer``: Grad-CAM's feature layer (module path or node name; default: the last spatial map).
+    ``keep_relevance``: layers (module path or node name) whose output relevance to return.
     """
     name = resolve_method_name(method)
     if images.dim() == 3:
@@ -176,7 +182,8 @@ def explain(
     with _EvalMode(net):
         traced = trace(net)
         if name in PROPAGATION_METHODS:
-            exp = _explain_propagation(traced, x, name, target, labels, method_options or {}, check_conservation)
+            keep = frozenset(traced.find(k).name for k in keep_relevance)
+            exp = _explain_propagation(traced, x, name, target, labels, method_options or {}, check_conservation, keep)
         elif name in GRADIENT_METHODS:
             exp = _explain_gradient(traced, x, name, target, labels, ig_steps)
         elif name in CAM_METHODS:
@@ -213,7 +220,7 @@ def _finish(name, maps_kb, logits, targets, per_image, **extra) -> Explanation:
     return Explanation(method=name, maps=maps, logits=logits, targets=targets, explained=explained, **out)
 
 
-def _explain_propagation(traced: TracedModel, x, name, target, labels, options, check) -> Explanation:
+def _explain_propagation(traced: TracedModel, x, name, target, labels, options, check, keep) -> Explanation:
     method = get_propagation_method(name, **options)
     traced.check_supported(lambda n: method.rule_for(n) is not None, name)
     if method.supports is not None:
@@ -230,7 +237,7 @@ def _explain_propagation(traced: TracedModel, x, name, target, labels, options, 
         tk = targets.T  # (K, B)
         onehot = F.one_hot(tk.clamp(min=0), logits.shape[1]).to(logits.dtype) * (tk >= 0).unsqueeze(-1)
         start = onehot * logits.unsqueeze(0) if method.start == "logit" else onehot
-        res = propagate(traced, record, method, start)
+        res = propagate(traced, record, method, start, keep=keep)
         rel = res.input_relevance  # (K, B, C, H, W)
         maps = rel.sum(2)
         cons = None
@@ -242,7 +249,7 @@ def _explain_propagation(traced: TracedModel, x, name, target, labels, options, 
             if check and bool((cons > CONSERVATION_TOLERANCE).any()):
                 _warn_conservation(name, cons, res.leaks)
     return _finish(name, maps, logits, targets, per_image, input_relevance=rel, layer_sums=res.layer_sums,
-                   leaks=res.leaks, conservation_error=cons)
+                   leaks=res.leaks, relevances=res.kept, conservation_error=cons)
 
 
 def _warn_conservation(name: str, cons: Tensor, leaks: dict[str, Tensor]) -> None:

@@ -25,6 +25,7 @@ class PropagationResult:
     input_relevance: Tensor  # (K, B, *input_shape)
     layer_sums: dict[str, Tensor]  # node name -> (K, B)
     leaks: dict[str, Tensor]  # node name -> (K, B): Σ R at output − Σ R passed to inputs
+    kept: dict[str, Tensor]  # node name -> (K, B, *shape): relevance at that node's output, on request
 
 
 def propagate(
@@ -33,13 +34,18 @@ def propagate(
     method: PropagationMethod,
     start: Tensor,
     keep_sums: bool = True,
+    keep: frozenset[str] = frozenset(),
 ) -> PropagationResult:
-    """Propagate ``start`` (K, B, n_outputs) at the logits node back to the input."""
+    """Propagate ``start`` (K, B, n_outputs) at the logits node back to the input.
+
+    ``keep``: node names whose full output relevance is returned in ``kept``.
+    """
     relevant = traced.relevant_nodes()
     relevant_names = {n.name for n in relevant}
     pending: dict[str, Tensor] = {traced.logits.name: start}
     layer_sums: dict[str, Tensor] = {}
     leaks: dict[str, Tensor] = {}
+    kept: dict[str, Tensor] = {}
     cache: dict[str, Any] = {}
     k = start.shape[0]
     values = record.values
@@ -51,6 +57,8 @@ def propagate(
             break
         if R is None:
             continue
+        if node.name in keep:
+            kept[node.name] = R
         rule = method.rule_for(node)
         if rule is None:  # check_supported() ran before; keep a clear message anyway
             raise CxrExplainError(f"method {method.name!r} has no rule for node {node!r}")
@@ -76,4 +84,4 @@ def propagate(
         del values[node.name]  # every consumer of this node has been processed
     if result is None:
         raise CxrExplainError("no relevance reached the model input: is the input connected to the logits?")
-    return PropagationResult(result, layer_sums, leaks)
+    return PropagationResult(result, layer_sums, leaks, kept)
