@@ -189,9 +189,7 @@ def explain(
         elif name in CAM_METHODS:
             exp = _explain_cam(traced, x, name, target, labels, layer)
         elif name == "rsp":
-            from .rsp import explain_rsp
-
-            exp = explain_rsp(traced, x, target, labels, resolve_targets)
+            exp = _explain_rsp(traced, x, target, labels)
         else:  # pragma: no cover - resolve_method_name guards this
             raise CxrExplainError(f"unknown method {method!r}")
     if not return_input_relevance:
@@ -290,3 +288,22 @@ def _explain_cam(traced, x, name, target, labels, layer) -> Explanation:
     k, b, h, w = raw.shape
     up = F.interpolate(raw.reshape(k * b, 1, h, w), size=x.shape[-2:], mode="bilinear", align_corners=False)
     return _finish(name, up.reshape(k, b, *x.shape[-2:]), logits, targets, per_image, raw_maps=raw)
+
+
+def _explain_rsp(traced, x, target, labels) -> Explanation:
+    from .rsp import rsp_method, rsp_start, rsp_start_node
+
+    method = rsp_method()
+    rsp_start_node(traced)  # architecture check first: a clear error for ResNet / DenseNet
+    with torch.no_grad():
+        logits = record_forward(traced, x)[traced.logits]
+    targets, per_image = resolve_targets(target, logits, labels)
+    targets = targets.to(x.device)
+    node, start, logits, record = rsp_start(traced, x, targets)
+    lower = {n.name for n in traced.relevant_nodes() if n.index <= node.index}
+    traced.check_supported(lambda n: n.name not in lower or n is node or method.rule_for(n) is not None, "rsp")
+    with torch.no_grad():
+        res = propagate(traced, record, method, start, start_node=node)
+    rel = res.input_relevance
+    return _finish("rsp", rel.sum(2), logits, targets, per_image, input_relevance=rel,
+                   layer_sums=res.layer_sums, leaks=res.leaks)

@@ -35,14 +35,16 @@ def propagate(
     start: Tensor,
     keep_sums: bool = True,
     keep: frozenset[str] = frozenset(),
+    start_node=None,
 ) -> PropagationResult:
     """Propagate ``start`` (K, B, n_outputs) at the logits node back to the input.
 
     ``keep``: node names whose full output relevance is returned in ``kept``.
+    ``start_node``: where ``start`` is injected (default: the logits node; RSP starts lower).
     """
     relevant = traced.relevant_nodes()
     relevant_names = {n.name for n in relevant}
-    pending: dict[str, Tensor] = {traced.logits.name: start}
+    pending: dict[str, Tensor] = {(start_node or traced.logits).name: start}
     layer_sums: dict[str, Tensor] = {}
     leaks: dict[str, Tensor] = {}
     kept: dict[str, Tensor] = {}
