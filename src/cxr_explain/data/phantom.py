@@ -250,7 +250,7 @@ def render_phantom(index: int, seed: int = 0, size: int = 1024, config: PhantomC
 
 
 def _save_mask(path: Path, mask: np.ndarray) -> None:
-    Image.fromarray(mask.astype(np.uint8) * 255).save(path, compress_level=6)
+    Image.fromarray(np.ascontiguousarray(mask, dtype=bool)).save(path)  # 1-bit PNG, pixel 1 = inside
 
 
 def _write_dicom(path: Path, ph: Phantom, seed: int) -> None:

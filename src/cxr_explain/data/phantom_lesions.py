@@ -43,6 +43,15 @@ def mask_box(mask: np.ndarray) -> tuple[float, float, float, float]:
     return (float(cols[0]), float(rows[0]), float(cols[-1] - cols[0] + 1), float(rows[-1] - rows[0] + 1))
 
 
+def _bbox_window(mask: np.ndarray) -> tuple[int, int, int, int]:
+    """``(y0, y1, x0, x1)`` of a mask's bounding box (the whole image if the mask is empty)."""
+    rows = np.flatnonzero(mask.any(1))
+    cols = np.flatnonzero(mask.any(0))
+    if rows.size == 0:
+        return 0, mask.shape[0], 0, mask.shape[1]
+    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+
+
 def _lung_point(an: Anatomy, rng: np.random.Generator, side: int, vlo: float, vhi: float,
                 alo: float = 0.0, ahi: float = 1.0) -> tuple[float, float]:
     """A uniform random point of the lung field of ``side`` with ``v`` in the given fraction of the
@@ -154,7 +163,7 @@ def render_lesion(P: LesionPlan, an: Anatomy, size: int, lung: np.ndarray,
     if f == "Cardiomegaly":
         return heart.copy(), (0, 0, 0, 0), np.zeros((0, 0), np.float32)
     if f in ("Effusion", "Pneumothorax"):
-        win = (0, size, 0, size)
+        win = _bbox_window(lung)
     else:
         rad = {"Nodule": 1.25 * P.params.get("r", 0), "Mass": 1.35 * P.params.get("r", 0),
                "Atelectasis": P.params.get("L", 0) + 0.05, "Infiltration": max(P.params.get("ax", 0), P.params.get("bx", 0)) + 0.01,
@@ -191,8 +200,8 @@ def render_lesion(P: LesionPlan, an: Anatomy, size: int, lung: np.ndarray,
         sup = (V > vm) & lw
         d = P.peak * np.clip((V - vm) / 0.05, 0, 1) ** 0.8 * (0.85 + 0.15 * lat)
     elif f == "Pneumothorax":
-        sup = _ptx_region(an, P, size)
-        coll = polygon_mask(an, [_collapsed_poly(an, P)], size)
+        sup = _ptx_region(an, P, size)[y0:y1, x0:x1]
+        coll = polygon_mask(an, [_collapsed_poly(an, P)], size)[y0:y1, x0:x1]
         line = binary_dilation(coll, iterations=max(1, size // 400)) & sup
         d = np.full(sup.shape, P.peak, np.float32) + line * 0.22 * abs(P.peak) / 0.1
     elif f in ("Infiltration", "Pneumonia"):
