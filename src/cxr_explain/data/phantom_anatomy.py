@@ -67,7 +67,7 @@ def sample_anatomy(rng_patient: np.random.Generator, rng_image: np.random.Genera
                    cardiomegaly: bool = False, raised_side: int = 0) -> Anatomy:
     """Draw a patient's chest (``rng_patient``) and this film's pose / inspiration (``rng_image``).
 
-    ``cardiomegaly`` draws CTR in [0.54, 0.66] instead of [0.40, 0.50]; ``raised_side`` lifts that
+    ``cardiomegaly`` draws CTR in [0.505, 0.60] instead of [0.40, 0.50]; ``raised_side`` lifts that
     hemidiaphragm (volume loss of atelectasis).
     """
     rp, ri = rng_patient, rng_image
@@ -86,16 +86,16 @@ def sample_anatomy(rng_patient: np.random.Generator, rng_image: np.random.Genera
     if raised_side:
         v_cp[raised_side] -= 0.035
         v_dome[raised_side] -= 0.04
-    ctr = ri.uniform(0.56, 0.68) if cardiomegaly else rp.uniform(0.40, 0.50)
+    ctr = ri.uniform(0.505, 0.60) if cardiomegaly else rp.uniform(0.40, 0.50)
     w_h = ctr * 2 * T
     a_r, a_l = 0.32 * w_h, 0.68 * w_h
     uc = cx + (a_l - a_r) / 2
     a_ax = w_h / 2 * 1.02
-    b_ax = a_ax * rp.uniform(0.7, 0.8) * (1.22 if cardiomegaly else 1.0)
+    b_ax = a_ax * rp.uniform(0.72, 0.95)
     v_mean_dome = 0.5 * (v_dome[-1] + v_dome[1])
     vc = v_mean_dome + 0.05 - b_ax * 0.72
     tilt = np.deg2rad(rp.uniform(12, 26))
-    v_clip = v_mean_dome + 0.05
+    v_clip = v_mean_dome + 0.065
     hilum = {s: (cx + s * 0.085 * sc, v_apex + 0.25 * sc) for s in (-1, 1)}
     an = Anatomy(cx=cx, sc=sc, theta=theta, T=T, v_apex=v_apex, v_cp=v_cp, v_dome=v_dome, ctr=ctr,
                  heart=(uc, vc, a_ax, b_ax, tilt, v_clip), hilum=hilum, sex=sex)
