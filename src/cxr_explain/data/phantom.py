@@ -22,7 +22,7 @@ from PIL import Image
 
 from ..errors import CxrExplainError, DataError
 from .labels import BOX_FINDINGS
-from .phantom_anatomy import (Anatomy, lung_masks, polygon_mask, render_anatomy, resize_field,
+from .phantom_anatomy import (lung_masks, polygon_mask, render_anatomy, resize_field,
                               sample_anatomy, smooth_noise, tone_map)
 from .phantom_lesions import (LesionPlan, cue_pattern, draw_cue, draw_distractors, mask_box,
                               plan_lesion, pneumothorax_suppression, render_lesion)
@@ -235,7 +235,7 @@ def render_phantom(index: int, seed: int = 0, size: int = 1024, config: PhantomC
     noise += resize_field(rng.standard_normal((size // 2, size // 2), dtype=np.float32), size)
     img = img + (g * 0.7) * noise
     image = np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8)
-    age = int(np.clip(rp.normal(50, 17), 1, 95)) + follow // 2
+    age = int(np.clip(np.random.default_rng([seed, patient, 2]).normal(50, 17), 1, 93)) + follow // 2
     view = "AP" if rng.random() < 0.4 else "PA"
     image_id = _rsna_id(seed, index) if layout == "rsna" else f"{patient:08d}_{follow:03d}"
     extra = {"orig_w": int(rng.integers(2500, 3057)), "orig_h": int(rng.integers(2400, 3057)),

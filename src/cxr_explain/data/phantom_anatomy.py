@@ -15,7 +15,8 @@ from matplotlib.path import Path as MplPath
 from PIL import Image, ImageDraw
 from scipy.ndimage import gaussian_filter
 
-__all__ = ["Anatomy", "sample_anatomy", "render_anatomy", "polygon_mask", "patient_grid", "resize_field"]
+__all__ = ["Anatomy", "sample_anatomy", "render_anatomy", "lung_masks", "polygon_mask", "patient_grid",
+           "resize_field", "smooth_noise", "tone_map"]
 
 
 @dataclass
@@ -86,7 +87,8 @@ def sample_anatomy(rng_patient: np.random.Generator, rng_image: np.random.Genera
     if raised_side:
         v_cp[raised_side] -= 0.035
         v_dome[raised_side] -= 0.04
-    ctr = ri.uniform(0.505, 0.60) if cardiomegaly else rp.uniform(0.40, 0.50)
+    ctr_normal = rp.uniform(0.40, 0.50)  # always drawn: follow-ups of a patient share anatomy
+    ctr = ri.uniform(0.505, 0.60) if cardiomegaly else ctr_normal
     w_h = ctr * 2 * T
     a_r, a_l = 0.32 * w_h, 0.68 * w_h
     uc = cx + (a_l - a_r) / 2

@@ -10,14 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from matplotlib.path import Path as MplPath
 from PIL import Image, ImageDraw
 from scipy.ndimage import binary_dilation, gaussian_filter
 
 from .phantom_anatomy import Anatomy, patient_grid, polygon_mask, resize_field
 
 __all__ = ["LesionPlan", "plan_lesion", "render_lesion", "pneumothorax_suppression", "draw_cue",
-           "draw_distractors", "mask_box"]
+           "cue_pattern", "draw_distractors", "mask_box"]
 
 #: Peak attenuation change per finding at lesion_contrast = 1 (lung air is about -0.75).
 PEAK = {"Nodule": 0.20, "Mass": 0.24, "Atelectasis": 0.17, "Effusion": 0.30, "Infiltration": 0.13,
@@ -232,7 +231,6 @@ def render_lesion(P: LesionPlan, an: Anatomy, size: int, lung: np.ndarray,
             dr = ImageDraw.Draw(img)
             q0 = an.to_image(np.array(an.hilum[s])) * size - np.array([x0, y0])
             for _ in range(4):
-                ang = r2.uniform(0, 2 * np.pi)
                 p = np.array([wid / 2, hgt / 2]) + r2.uniform(-0.3, 0.3, 2) * np.array([wid, hgt])
                 ang = np.arctan2(p[1] - q0[1], p[0] - q0[0])
                 for _k in range(3):
