@@ -1,0 +1,149 @@
+"""Command-line glue for ``cxr-explain evaluate``, ``report`` and ``demo``: argument definitions
+and the functions the CLI calls (the CLI itself stays thin)."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..errors import CxrExplainError
+from ..metrics.localization import EMPTY_REGION_MODES, PAPER_THRESHOLDS, RESIZE_MODES
+
+
+def add_evaluate_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Options of ``cxr-explain evaluate``."""
+    p.add_argument("--data", required=True, help="dataset folder (NIH, RSNA layout or a folder of images)")
+    p.add_argument("--layout", choices=["auto", "nih", "rsna", "folder"], default="auto",
+                   help="dataset layout (default: detected from the files)")
+    p.add_argument("--labels-csv", default=None, help="folder layout: CSV with image,labels,finding,x,y,w,h")
+    p.add_argument("--checkpoint", default=None, help="model checkpoint (default: the shipped model)")
+    p.add_argument("--arch", default=None, help="architecture of the checkpoint (default: detected)")
+    p.add_argument("--trust-pickle", action="store_true", help="allow pickled checkpoints (jrzech, xrv)")
+    p.add_argument("--methods", nargs="+", default=["cam", "lrp", "rap"], help="explanation methods")
+    p.add_argument("--thresholds", nargs="+", type=float, default=list(PAPER_THRESHOLDS), help="IoU thresholds T")
+    p.add_argument("--out", default="cxr-explain-eval", help="results folder (a rerun resumes it)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes for decoding")
+    p.add_argument("--split", default=None, help="evaluate only this split (train/val/test); default all")
+    p.add_argument("--resize", choices=list(RESIZE_MODES), default="bilinear",
+                   help="how maps are resized to the original image (same for every method)")
+    p.add_argument("--empty-region", choices=list(EMPTY_REGION_MODES), default="zero",
+                   help="IoU of a threshold whose region is empty: 0 (default) or NaN (excluded)")
+    p.add_argument("--no-masks", action="store_true", help="score boxes only, not exact masks")
+    p.add_argument("--no-maps", action="store_true", help="do not save heatmaps (no figures / gallery)")
+    p.add_argument("--max-images", type=int, default=None, help="only the first N images with ground truth")
+    p.add_argument("--faithfulness", action="store_true", help="deletion/insertion + randomisation check (§4)")
+    p.add_argument("--faithfulness-images", type=int, default=8, help="images for --faithfulness (default 8)")
+    p.add_argument("--intention", default=None, metavar="FINDING",
+                   help="also run the §6 relevance-share analysis for FINDING (e.g. Pneumonia) on all images")
+    p.add_argument("--no-report", action="store_true", help="skip tables, figures and report.html")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def add_report_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Options of ``cxr-explain report``."""
+    p.add_argument("results", help="folder written by `cxr-explain evaluate`")
+    p.add_argument("--gallery", type=int, default=6, help="regions per finding in the gallery")
+    p.add_argument("--no-grids", action="store_true", help="skip the Fig. 3/5/6 grids (faster)")
+    return p
+
+
+def add_demo_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Options of ``cxr-explain demo``."""
+    p.add_argument("--out", default="cxr-explain-demo", help="output folder (benchmark + results)")
+    p.add_argument("--full", action="store_true", help="1000 films, every test image, faithfulness checks")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--workers", type=int, default=None, help="processes for generating / decoding")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def load_model_from_args(args) -> object:
+    """The checkpoint named by ``--checkpoint`` (strict load), else the shipped model."""
+    if getattr(args, "checkpoint", None):
+        from ..models.checkpoints import load_checkpoint
+
+        model, _, _ = load_checkpoint(args.checkpoint, arch=getattr(args, "arch", None),
+                                      trust_pickle=bool(getattr(args, "trust_pickle", False)))
+        return model
+    from .demo import _default_model
+
+    return _default_model()[0]
+
+
+def load_dataset_from_args(args, labels) -> object:
+    """NIH / RSNA / folder dataset at ``--data`` with the findings the model outputs."""
+    from ..data.labels import CHEXNET_FINDINGS, RSNA_FINDINGS
+
+    root = Path(args.data)
+    if not root.is_dir():
+        raise CxrExplainError(f"{root}: dataset folder not found; pass --data with an existing folder")
+    layout = getattr(args, "layout", "auto") or "auto"
+    if layout == "auto":
+        if any(root.glob("Data_Entry*.csv")):
+            layout = "nih"
+        elif (root / "stage_2_train_labels.csv").is_file():
+            layout = "rsna"
+        else:
+            layout = "folder"
+    if layout == "nih":
+        from ..data.nih import NIHDataset
+
+        findings = [f for f in CHEXNET_FINDINGS if f in labels]
+        if not findings:
+            raise CxrExplainError(f"the model's outputs ({', '.join(labels)}) include no NIH finding")
+        return NIHDataset(root, boxed_only=True, findings=findings)
+    if layout == "rsna":
+        from ..data.rsna import RSNADataset
+
+        findings = [f for f in RSNA_FINDINGS if f in labels] or ["Pneumonia"]
+        return RSNADataset(root, split=None, findings=findings)
+    from ..data.folder import FolderDataset
+
+    return FolderDataset(root, labels_csv=getattr(args, "labels_csv", None))
+
+
+def evaluate_cli(args) -> Path:
+    """``cxr-explain evaluate``: run :func:`~.runner.evaluate`, print Table 2 and the report path."""
+    from .runner import evaluate
+    from .summary import table2_text
+
+    model = load_model_from_args(args)
+    ds = load_dataset_from_args(args, list(model.cxr_spec.labels))
+    no_report = bool(getattr(args, "no_report", False))
+    out = evaluate(model, ds, methods=args.methods, thresholds=args.thresholds, out_dir=args.out,
+                   batch_size=args.batch_size, device=args.device, workers=args.workers, split=args.split,
+                   resize=args.resize, empty_region=args.empty_region, save_maps=not args.no_maps,
+                   faithfulness=args.faithfulness, progress=not args.no_progress, use_masks=not args.no_masks,
+                   faithfulness_images=args.faithfulness_images, max_images=args.max_images,
+                   report=not no_report and not getattr(args, "intention", None))
+    if getattr(args, "intention", None):
+        from .intention import intention_analysis
+
+        intention_analysis(model, ds, methods=args.methods, finding=args.intention, out_dir=out,
+                           batch_size=args.batch_size, device=args.device, progress=not args.no_progress)
+        if not no_report:
+            from ..report.html import write_report
+
+            write_report(out)
+    print(table2_text(out, "all", "box" if (out / "tables" / "table2_all_box.md").is_file() else "mask"))
+    if not no_report:
+        print(f"report: {(Path(out) / 'report.html').resolve()}")
+    return out
+
+
+def report_cli(args) -> Path:
+    """``cxr-explain report RESULTS``: rewrite tables, figures and ``report.html``; print its path."""
+    from ..report.html import write_report
+
+    p = write_report(args.results, gallery_per_finding=args.gallery, grids=not args.no_grids)
+    print(f"report: {p.resolve()}")
+    return p
+
+
+def demo_cli(args) -> Path:
+    """``cxr-explain demo``."""
+    from .demo import demo
+
+    return demo(args.out, full=args.full, device=args.device, workers=args.workers, progress=not args.no_progress)

@@ -1,0 +1,201 @@
+"""The "inconsistency of intention" analysis (paper Section 3; specs/evaluation.md §6).
+
+For a pneumonia model (binary, or any model with a ``Pneumonia`` output), where does the positive
+relevance of the explained logit go? Per image and method, shares of ``sum(max(h, 0))`` (map in
+original pixel space):
+
+* ``inside_lesion``: inside the lesion masks (or boxes) of the finding,
+* ``lung_outside_lesion``: inside the lung fields but outside the lesions,
+* ``outside_lungs``: everywhere else (markers, borders, devices),
+* ``on_cue``: on the planted shortcut cue (synthetic benchmark with ``shortcut=...``; NaN where the
+  image has no cue).
+
+The three region shares sum to 1 (:func:`~cxr_explain.metrics.localization.region_shares`). Normal
+images have no lesion, so their ``inside_lesion`` is 0. Lung masks come from the benchmark's
+``lungs.csv``; without one, the lung split is NaN and only ``inside_lesion`` is reported.
+Reported per method and per class (pneumonia vs normal images), mean with bootstrap 95% CI.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn as nn
+
+from ..attribution import explain
+from ..attribution.methods import CAM_METHODS, resolve_method_name
+from ..data.folder import read_csv_table
+from ..data.images import get_preprocessing
+from ..data.nih import read_mask
+from ..errors import CxrExplainError
+from ..metrics.localization import bootstrap_mean_ci, region_shares
+from .summary import TABLES_DIR
+
+SHARES = ("inside_lesion", "lung_outside_lesion", "outside_lungs", "on_cue")
+
+
+def read_region_masks(root: str | Path, name: str) -> dict[str, Path]:
+    """``{image id: mask path}`` from the benchmark's ``lungs.csv`` / ``cues.csv`` (rows with an empty
+    path or ``Present = 0`` are skipped); ``{}`` when the file does not exist."""
+    p = Path(root) / name
+    if not p.is_file():
+        return {}
+    with open(p, encoding="utf-8-sig") as fh:
+        header = [c.strip() for c in fh.readline().split(",")]
+    id_col = "patientId" if "patientId" in header else "Image Index"
+    df = read_csv_table(p, required=[id_col, "Mask Path"])
+    out = {}
+    present = df["Present"] if "Present" in df.columns else ["1"] * len(df)
+    for i, mp, pr in zip(df[id_col], df["Mask Path"], present):
+        mp = str(mp).strip()
+        if mp and str(pr).strip() not in ("0", "0.0"):
+            q = Path(mp)
+            out[str(i).strip()] = q if q.is_absolute() else p.parent / q
+    return out
+
+
+def _shares(h: np.ndarray, lesion: np.ndarray, lungs: Optional[np.ndarray], cue: Optional[np.ndarray]) -> dict:
+    pos = np.maximum(h, 0).astype(np.float64)
+    total = pos.sum()
+    if lungs is not None:
+        a, b, c = region_shares(h, lesion, lungs)
+    else:
+        a = float(pos[lesion].sum() / total) if total > 0 else float("nan")
+        b = c = float("nan")
+    cue_share = float("nan")
+    if cue is not None and cue.any():
+        cue_share = float(pos[cue].sum() / total) if total > 0 else float("nan")
+    return {"inside_lesion": a, "lung_outside_lesion": b, "outside_lungs": c, "on_cue": cue_share}
+
+
+def intention_analysis(
+    model: nn.Module,
+    dataset: Any,
+    methods: Sequence[str] = ("cam", "lrp", "rap"),
+    finding: str = "Pneumonia",
+    out_dir: Optional[str | os.PathLike] = None,
+    batch_size: int = 16,
+    device: str = "cpu",
+    lungs: Optional[Mapping[str, Path]] = None,
+    cues: Optional[Mapping[str, Path]] = None,
+    max_images: Optional[int] = None,
+    progress: bool = False,
+) -> pd.DataFrame:
+    """Relevance shares per image and method for the logit of ``finding``; one row per (image,
+    method) with ``image_id, class, method, logit, prob, inside_lesion, lung_outside_lesion,
+    outside_lungs, on_cue``. ``lungs`` / ``cues`` map image ids to mask files (default: the
+    dataset root's ``lungs.csv`` / ``cues.csv``). With ``out_dir``, writes ``intention.csv`` and
+    ``tables/intention.{md,csv,json}`` there."""
+    from .runner import _model_index, _resolve_device
+
+    spec = getattr(model, "cxr_spec", None)
+    if spec is None:
+        raise CxrExplainError("the model has no .cxr_spec; build it with build_model / load_checkpoint")
+    cls = _model_index(spec.labels, finding)
+    if cls is None:
+        raise CxrExplainError(f"the model has no output named {finding!r}; its outputs are: {', '.join(spec.labels)}")
+    if finding not in dataset.findings:
+        raise CxrExplainError(f"the dataset has no {finding!r} labels (findings: {', '.join(dataset.findings)})")
+    fi = list(dataset.findings).index(finding)
+    methods = [resolve_method_name(m) for m in methods]
+    root = getattr(dataset, "root", None)
+    lungs = dict(lungs) if lungs is not None else (read_region_masks(root, "lungs.csv") if root else {})
+    cues = dict(cues) if cues is not None else (read_region_masks(root, "cues.csv") if root else {})
+    pre = get_preprocessing(spec.preprocessing, spec.input_size)
+    dev = _resolve_device(device)
+    model = model.to(dev).eval()
+    n = len(dataset) if max_images is None else min(len(dataset), max_images)
+    rows = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n, unit="img", desc="intention")
+    for start in range(0, n, batch_size):
+        idx = list(range(start, min(n, start + batch_size)))
+        xs, metas = [], []
+        for i in idx:
+            s = dataset[i]
+            xr = dataset.read_image(i)
+            x, _, _ = pre(xr)
+            xs.append(x)
+            H, W = xr.height, xr.width
+            if finding in s.masks:
+                lesion = np.asarray(s.masks[finding], dtype=bool)
+            else:
+                lesion = np.zeros((H, W), bool)
+                for b in s.boxes:
+                    if _model_index([finding], b.finding) is not None:
+                        lesion |= b.to_mask(H, W)
+            lm = read_mask([lungs[s.image_id]]) if s.image_id in lungs else None
+            cm = read_mask([cues[s.image_id]]) if s.image_id in cues else None
+            metas.append((s, H, W, lesion, lm, cm))
+        x = torch.stack(xs)
+        for m in methods:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                exp = explain(model, x, method=m, target=cls)
+            maps = (exp.raw_maps if m in CAM_METHODS and exp.raw_maps is not None else exp.maps).detach().float().cpu()
+            logits = exp.logits.detach().float().cpu()
+            probs = torch.sigmoid(logits) if spec.multilabel else torch.softmax(logits, 1)
+            for b, (s, H, W, lesion, lm, cm) in enumerate(metas):
+                h = pre.to_original(maps[b], H, W).numpy()
+                rows.append({"image_id": s.image_id, "class": finding.lower() if s.labels[fi] > 0 else "normal",
+                             "method": m, "logit": float(logits[b, cls]), "prob": float(probs[b, cls]),
+                             **_shares(h, lesion, lm, cm)})
+        if bar:
+            bar.update(len(idx))
+    if bar:
+        bar.close()
+    df = pd.DataFrame(rows)
+    if out_dir is not None:
+        write_intention_tables(df, out_dir, model_name=str(spec.provenance.get("path") or spec.arch), finding=finding)
+    return df
+
+
+def summarize_intention(df: pd.DataFrame, n_boot: int = 1000) -> pd.DataFrame:
+    """Per (method, class): n and mean [CI] of each share."""
+    rows = []
+    for (m, c), g in df.groupby(["method", "class"], sort=False):
+        r = {"method": m, "class": c, "n": len(g)}
+        for s in SHARES:
+            mean, lo, hi = bootstrap_mean_ci(g[s].to_numpy(dtype=float), n_boot=n_boot)
+            r.update({s: mean, f"{s}_low": lo, f"{s}_high": hi})
+        rows.append(r)
+    return pd.DataFrame(rows)
+
+
+def write_intention_tables(df: pd.DataFrame, out_dir: str | os.PathLike, model_name: str = "",
+                           finding: str = "Pneumonia") -> Path:
+    """``intention.csv`` (per image) and ``tables/intention.{md,csv,json}`` (per method and class)."""
+    out = Path(out_dir)
+    (out / TABLES_DIR).mkdir(parents=True, exist_ok=True)
+    df.to_csv(out / "intention.csv", index=False, lineterminator="\n")
+    summ = summarize_intention(df)
+    prot = (f"Protocol: specs/evaluation.md §6 (paper Section 3, inconsistency of intention). Explained output = "
+            f"the {finding} logit on every image; map resized to the original image (bilinear); shares of the positive "
+            f"relevance sum(max(h,0)) inside the lesion masks/boxes, in the lungs outside them, outside the lungs, and "
+            f"on the planted cue (images with a cue only); mean [bootstrap 95% CI]. Model: {model_name}.")
+    lines = ["### Where the positive relevance goes", "", prot, "",
+             "| method | class | n | inside lesion | lungs outside lesion | outside lungs | on cue |",
+             "|---|---|---|---|---|---|---|"]
+
+    def cell(r, s):
+        return "–" if not math.isfinite(r[s]) else f"{r[s]:.3f} [{r[s + '_low']:.3f}, {r[s + '_high']:.3f}]"
+
+    for _, r in summ.iterrows():
+        lines.append(f"| {r['method'].upper()} | {r['class']} | {r['n']} | " + " | ".join(cell(r, s) for s in SHARES) + " |")
+    md = out / TABLES_DIR / "intention.md"
+    md.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    summ.insert(0, "protocol", prot)
+    summ.to_csv(out / TABLES_DIR / "intention.csv", index=False, lineterminator="\n")
+    (out / TABLES_DIR / "intention.json").write_text(
+        json.dumps({"protocol": prot, "rows": json.loads(summ.drop(columns="protocol").to_json(orient="records"))}, indent=1))
+    return md

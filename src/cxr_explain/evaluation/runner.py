@@ -1,0 +1,474 @@
+"""``evaluate``: explain every lesion of a dataset with several methods and score the maps.
+
+One row per (image, ground truth, method) goes to ``results.csv`` as it is produced
+(:mod:`.results`). The protocol is the paper's (``specs/evaluation.md`` §1): the explained output is
+the logit of the box's finding whatever the model predicted; the map is resized to the original
+image size (``resize``), negatives set to 0 and divided by its maximum; the region ``h > T`` is
+compared with the box (or exact mask) in original pixel space. The same row carries the
+CheXlocalize (§2) and XAI-literature (§3) scores from
+:func:`cxr_explain.metrics.localization.localization_scores`.
+
+Scale: a ``DataLoader`` (``workers`` processes) decodes and preprocesses images; ``device="cuda"``
+runs the model on a GPU; under ``torchrun`` each rank evaluates every ``world_size``-th image into
+``results.rank{r}.csv`` and rank 0 merges them into ``results.csv`` at the end.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import warnings
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..attribution import explain
+from ..attribution.methods import CAM_METHODS, resolve_method_name
+from ..data.images import Preprocessing, get_preprocessing
+from ..data.types import Box, Sample
+from ..errors import CxrExplainError
+from ..metrics.localization import (EMPTY_REGION_MODES, PAPER_THRESHOLDS, RESIZE_MODES,
+                                    localization_scores)
+from .results import RESULTS_NAME, ResultsWriter, merge_results, read_results, results_columns
+
+RUN_FILE = "run.json"
+DEFAULT_METHODS = ("cam", "lrp", "rap")
+
+
+# --------------------------------------------------------------------------- ground truth
+@dataclass(frozen=True)
+class GroundTruth:
+    """One scored region of an image: a box (``gt="box"``, ``gt_index`` = its position in the
+    sample's box list) or an exact mask of a finding (``gt="mask"``, ``gt_index`` 0)."""
+
+    finding: str
+    gt: str
+    gt_index: int
+    box: Optional[Box] = None
+
+
+def _model_index(labels: Sequence[str], finding: str) -> Optional[int]:
+    """Output index of ``finding`` (exact, then case/underscore-insensitive, Infiltrate alias)."""
+    norm = lambda s: s.lower().replace("_", " ").strip()  # noqa: E731
+    aliases = {"infiltrate": "infiltration"}
+    want = aliases.get(norm(finding), norm(finding))
+    hits = [i for i, lab in enumerate(labels) if lab and aliases.get(norm(lab), norm(lab)) == want]
+    return hits[0] if len(hits) == 1 else None
+
+
+def _mask_findings(dataset: Any, i: int) -> list[str]:
+    """Findings with an exact mask for sample ``i``, without reading the masks when the reader
+    keeps their paths (NIH / RSNA readers); otherwise from ``dataset[i].masks``."""
+    paths = getattr(dataset, "_mask_paths", None)
+    if isinstance(paths, dict):
+        from ..data.rsna import RSNADataset
+
+        mp = paths.get(dataset.samples[i].image_id, {})
+        if isinstance(dataset, RSNADataset):
+            return list(dataset.findings) if mp else []
+        return [f for f in mp if f in dataset.findings]
+    return list(dataset[i].masks)
+
+
+def ground_truths(dataset: Any, i: int, labels: Sequence[str], use_masks: bool = True) -> list[GroundTruth]:
+    """The boxes (and, with ``use_masks``, the masks) of sample ``i`` whose finding the model outputs."""
+    s = dataset.samples[i] if hasattr(dataset, "samples") else dataset[i]
+    out = [GroundTruth(b.finding, "box", k, b) for k, b in enumerate(s.boxes)
+           if _model_index(labels, b.finding) is not None]
+    if use_masks:
+        out += [GroundTruth(f, "mask", 0) for f in _mask_findings(dataset, i)
+                if _model_index(labels, f) is not None]
+    return out
+
+
+# --------------------------------------------------------------------------- data loading
+class _EvalItems(torch.utils.data.Dataset):
+    """Decode + preprocess one image (in a DataLoader worker): the model input, the sample with
+    its masks, the original size."""
+
+    def __init__(self, dataset: Any, indices: Sequence[int], pre: Preprocessing):
+        self.dataset, self.indices, self.pre = dataset, list(indices), pre
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, k: int) -> dict:
+        i = self.indices[k]
+        xr = self.dataset.read_image(i)
+        x, _, _ = self.pre(xr)
+        return {"index": i, "x": x, "sample": self.dataset[i], "height": xr.height, "width": xr.width}
+
+
+def _collate(items: list[dict]) -> list[dict]:
+    return items
+
+
+# --------------------------------------------------------------------------- distributed
+def dist_context(device: str) -> tuple[int, int]:
+    """``(rank, world_size)``: from an initialised ``torch.distributed`` group, or, under
+    ``torchrun`` (``WORLD_SIZE`` > 1 in the environment), after initialising one (NCCL on CUDA,
+    else Gloo); ``(0, 1)`` otherwise."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    ws = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if ws > 1:
+        if not dist.is_available():
+            raise CxrExplainError("WORLD_SIZE > 1 but this torch build has no torch.distributed; run one process")
+        backend = "nccl" if device.startswith("cuda") and torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend, timeout=timedelta(hours=24))
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise CxrExplainError(f"--device {device} requested but CUDA is not available; use --device cpu")
+        if device == "cuda" and "LOCAL_RANK" in os.environ:
+            return torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}")
+    return torch.device(device)
+
+
+# --------------------------------------------------------------------------- run settings
+def _spec_info(model: nn.Module) -> dict:
+    spec = getattr(model, "cxr_spec", None)
+    if spec is None:
+        raise CxrExplainError(
+            f"{type(model).__name__} has no .cxr_spec (labels, preprocessing); build it with "
+            "cxr_explain.models.build_model / load_checkpoint or set model.cxr_spec = ModelSpec(...)")
+    return {"arch": spec.arch, "labels": list(spec.labels), "preprocessing": spec.preprocessing,
+            "input_size": int(spec.input_size), "multilabel": bool(spec.multilabel),
+            "provenance": {k: v for k, v in dict(spec.provenance).items()
+                           if isinstance(v, (str, int, float, bool)) or v is None}}
+
+
+def _dataset_info(dataset: Any) -> dict:
+    return {"type": type(dataset).__name__, "root": str(getattr(dataset, "root", "")),
+            "split": getattr(dataset, "split", None), "findings": list(getattr(dataset, "findings", ())),
+            "n_images": len(dataset)}
+
+
+def _check_run_file(out: Path, settings: dict) -> dict:
+    """Write ``run.json``; on a rerun, the scoring settings must match the earlier ones."""
+    p = out / RUN_FILE
+    fixed = ("thresholds", "resize", "empty_region", "scaling", "model", "masks")
+    if p.is_file():
+        try:
+            old = json.loads(p.read_text())
+        except ValueError:
+            raise CxrExplainError(f"{p} is not valid JSON; delete it or evaluate into a new --out folder") from None
+        for k in fixed:
+            if old.get(k) != settings.get(k):
+                raise CxrExplainError(
+                    f"{out} holds results made with another {k} ({old.get(k)!r}); "
+                    "evaluate into a new --out folder or delete it")
+        settings["methods"] = list(dict.fromkeys(list(old.get("methods", [])) + list(settings["methods"])))
+    tmp = p.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(settings, indent=1))
+    os.replace(tmp, p)
+    return settings
+
+
+def image_splits(dataset: Any) -> dict[str, str]:
+    """``{image_id: split}`` from the dataset's split file (NIH / RSNA readers), or the dataset's own
+    ``split`` for every image; ``{}`` when neither is known."""
+    own = getattr(dataset, "split", None)
+    if own:
+        return {i: str(own) for i in dataset.ids}
+    from ..data.nih import NIHDataset
+    from ..data.rsna import RSNADataset
+
+    if not isinstance(dataset, (NIHDataset, RSNADataset)):
+        return {}
+    out: dict[str, str] = {}
+    wanted = set(dataset.ids)
+    for sp in ("train", "val", "test"):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                if isinstance(dataset, NIHDataset):
+                    part = NIHDataset(dataset.root, split=sp, findings=dataset.findings)
+                else:
+                    if sp == "test" and not (Path(dataset.root) / "split.csv").is_file():
+                        continue
+                    part = RSNADataset(dataset.root, split=sp, findings=dataset.findings)
+        except CxrExplainError:
+            continue
+        for i in part.ids:
+            if i in wanted:
+                out[i] = sp
+    return out
+
+
+def _safe_name(image_id: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "__", image_id)
+
+
+SCALE_SUFFIX = "__scale"
+
+
+def _save_maps(path: Path, maps: dict[str, np.ndarray]) -> None:
+    """float16 ``.npz``, written atomically: per finding ``h / s`` as float16 and ``s = max|h|`` as
+    float32 under ``<finding>__scale`` (so small-magnitude maps keep float16's relative precision)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {}
+    for k, v in maps.items():
+        v = np.asarray(v, dtype=np.float32)
+        s = float(np.abs(v).max()) if v.size else 0.0
+        s = s if s > 0 and np.isfinite(s) else 1.0
+        arrays[k] = (v / s).astype(np.float16)
+        arrays[k + SCALE_SUFFIX] = np.float32(s)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        np.savez_compressed(fh, **arrays)
+    os.replace(tmp, path)
+
+
+def load_maps(path: Path | str) -> dict[str, np.ndarray]:
+    """The maps of one (image, method) saved by :func:`evaluate`: ``{finding: (H, W) float32}``."""
+    p = Path(path)
+    try:
+        with np.load(p) as z:
+            return {k: z[k].astype(np.float32) * float(z[k + SCALE_SUFFIX]) if k + SCALE_SUFFIX in z.files
+                    else z[k].astype(np.float32) for k in z.files if not k.endswith(SCALE_SUFFIX)}
+    except (OSError, ValueError) as e:
+        raise CxrExplainError(f"cannot read heatmaps {p}: {e}; rerun evaluate into this folder") from None
+
+
+def _identity_geometry(pre: Preprocessing, h: int, w: int) -> bool:
+    g = pre.geometry(h, w)
+    return g.x0 == 0 and g.y0 == 0 and g.crop_w == w and g.crop_h == h
+
+
+# --------------------------------------------------------------------------- main loop
+def evaluate(
+    model: nn.Module,
+    dataset: Any,
+    methods: Sequence[str] = DEFAULT_METHODS,
+    thresholds: Sequence[float] = PAPER_THRESHOLDS,
+    out_dir: str | os.PathLike = "cxr-explain-eval",
+    batch_size: int = 8,
+    device: str = "cpu",
+    workers: int = 0,
+    split: Optional[str] = None,
+    resize: str = "bilinear",
+    empty_region: str = "zero",
+    save_maps: bool = True,
+    faithfulness: bool = False,
+    progress: bool = True,
+    *,
+    use_masks: bool = True,
+    scaling: str = "clip",
+    faithfulness_images: int = 8,
+    max_images: Optional[int] = None,
+    report: bool = True,
+    stop_after_batches: Optional[int] = None,
+) -> Path:
+    """Evaluate ``methods`` on every box (and exact mask) of ``dataset``; returns ``out_dir``.
+
+    Writes ``results.csv`` (one row per image × ground truth × method; columns in
+    :func:`~.results.results_columns`), ``maps/<method>/<image>.npz`` (float16 maps at the model's
+    input resolution, one array per finding), ``run.json`` (settings), then the summary tables,
+    figures and ``report.html`` (``report=False`` skips them). A rerun skips (image, method) pairs
+    already complete. ``split`` keeps only images of that split (from the dataset's split file);
+    the ``split`` column always names each image's split where one is known. ``max_images`` keeps
+    the first N images with ground truth (dataset order). ``stop_after_batches`` stops early (to
+    test resuming). ``faithfulness`` adds deletion / insertion and the randomisation check on the
+    first ``faithfulness_images`` images (:mod:`.faithfulness`).
+    """
+    methods = [resolve_method_name(m) for m in methods]
+    if not methods:
+        raise CxrExplainError("no explanation method given; pass e.g. --methods cam lrp rap")
+    thresholds = [float(t) for t in thresholds]
+    if not thresholds or any(not 0.0 <= t < 1.0 for t in thresholds):
+        raise CxrExplainError(f"thresholds {thresholds} must lie in [0, 1)")
+    if resize not in RESIZE_MODES:
+        raise CxrExplainError(f"unknown --resize {resize!r}; use one of {', '.join(RESIZE_MODES)}")
+    if empty_region not in EMPTY_REGION_MODES:
+        raise CxrExplainError(f"unknown --empty-region {empty_region!r}; use 'zero' or 'nan'")
+    if batch_size < 1:
+        raise CxrExplainError("--batch-size must be at least 1")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    info = _spec_info(model)
+    labels = info["labels"]
+    pre = get_preprocessing(info["preprocessing"], info["input_size"])
+    dev = _resolve_device(device)
+    rank, world = dist_context(str(dev))
+    columns = results_columns(thresholds)
+
+    splits = image_splits(dataset)
+    if split is not None and not splits:
+        raise CxrExplainError(f"split={split!r} requested but {type(dataset).__name__} has no split file")
+    gts: dict[int, list[GroundTruth]] = {}
+    for i in range(len(dataset)):
+        if split is not None and splits.get(dataset.samples[i].image_id) != split:
+            continue
+        g = ground_truths(dataset, i, labels, use_masks)
+        if g:
+            gts[i] = g
+        if max_images is not None and len(gts) >= max_images:
+            break
+    if not gts:
+        raise CxrExplainError(
+            f"{_dataset_info(dataset)['root'] or 'the dataset'}: no image{' of split ' + repr(split) if split else ''} "
+            f"has a box or mask of a finding "
+            f"the model outputs ({', '.join(labels)}); check the box file and the model's labels")
+    settings = {"thresholds": thresholds, "resize": resize, "empty_region": empty_region, "scaling": scaling,
+                "masks": use_masks, "model": info, "methods": methods, "dataset": _dataset_info(dataset),
+                "split_filter": split, "batch_size": batch_size, "device": str(dev), "world_size": world,
+                "protocol": "paper §1 (IoU of h>T vs box in original pixel space) + §2 Otsu/hit + §3 mass/rank/AUPRC"}
+    if rank == 0:
+        settings = _check_run_file(out, settings)
+    _barrier(world)
+
+    ids = {i: dataset.samples[i].image_id for i in gts}
+    expected = {(ids[i], m): len(g) for i, g in gts.items() for m in methods}
+    main_path = out / RESULTS_NAME
+    if world > 1:
+        done_main = _complete_pairs(main_path, columns, expected)
+        writer = ResultsWriter(out / f"results.rank{rank}.csv", columns, expected)
+        writer.done |= done_main
+    else:
+        writer = ResultsWriter(main_path, columns, expected)
+    shard = sorted(gts)[rank::world]
+    todo = [i for i in shard if any((ids[i], m) not in writer.done for m in methods)]
+
+    model = model.to(dev)
+    model.eval()
+    loader = torch.utils.data.DataLoader(
+        _EvalItems(dataset, todo, pre), batch_size=batch_size, shuffle=False, num_workers=max(0, int(workers)),
+        collate_fn=_collate, persistent_workers=False, pin_memory=dev.type == "cuda")
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(shard), initial=len(shard) - len(todo), unit="img",
+                   desc="evaluate" + (f" rank {rank}" if world > 1 else ""), dynamic_ncols=True)
+    ctx = {"labels": labels, "pre": pre, "thresholds": thresholds, "resize": resize, "multilabel": info["multilabel"],
+           "empty_region": empty_region, "scaling": scaling, "splits": splits, "out": out, "save_maps": save_maps,
+           "use_masks": use_masks}
+    try:
+        for nb, batch in enumerate(loader):
+            if stop_after_batches is not None and nb >= stop_after_batches:
+                break
+            for m in methods:
+                items = [it for it in batch if (ids[it["index"]], m) not in writer.done]
+                if items:
+                    for rows in _score_batch(model, m, items, gts, ctx):
+                        writer.write_group(rows)
+            writer.flush()
+            if bar:
+                bar.update(len(batch))
+    finally:
+        writer.close()
+        if bar:
+            bar.close()
+    _barrier(world)
+    if world > 1 and rank == 0:
+        merge_results(main_path, [out / f"results.rank{r}.csv" for r in range(world)], columns)
+    _barrier(world)
+    if rank == 0 and stop_after_batches is None:
+        if faithfulness:
+            from .faithfulness import run_faithfulness
+
+            run_faithfulness(model, dataset, out, methods, sorted(gts)[:faithfulness_images], gts, pre,
+                             progress=progress)
+        if report:
+            from ..report.html import write_report
+
+            write_report(out)
+    return out
+
+
+def _complete_pairs(path: Path, columns: Sequence[str], expected: dict) -> set:
+    df = read_results(path, columns)
+    if not len(df):
+        return set()
+    counts = df.drop_duplicates(subset=["image_id", "method", "finding", "gt", "gt_index"]).groupby(
+        ["image_id", "method"]).size()
+    return {k for k, n in counts.items() if expected.get(k) == n}
+
+
+def _gt_mask(sample: Sample, gt: GroundTruth, h: int, w: int) -> np.ndarray:
+    if gt.gt == "box":
+        return gt.box.to_mask(h, w)
+    m = np.asarray(sample.masks[gt.finding], dtype=bool)
+    if m.shape != (h, w):
+        raise CxrExplainError(
+            f"{sample.image_id}: the {gt.finding} mask is {m.shape[1]}x{m.shape[0]} but the image is {w}x{h}; "
+            "masks must be in the original pixel space")
+    return m
+
+
+def _bbox_of(mask: np.ndarray) -> tuple[float, float, float, float]:
+    ys, xs = np.nonzero(mask)
+    if not ys.size:
+        return (float("nan"),) * 4
+    return float(xs.min()), float(ys.min()), float(xs.max() - xs.min() + 1), float(ys.max() - ys.min() + 1)
+
+
+def _score_batch(model: nn.Module, method: str, items: list[dict], gts: dict, ctx: dict):
+    """Explain ``items`` with ``method`` (all findings of an image in one pass) and yield, per
+    image, the list of its result rows."""
+    labels = ctx["labels"]
+    x = torch.stack([it["x"] for it in items])
+    targets = []
+    for it in items:
+        fs = list(dict.fromkeys(g.finding for g in gts[it["index"]]))
+        targets.append([_model_index(labels, f) for f in fs])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # conservation notes: not a scoring problem
+        exp = explain(model, x, method=method, target=targets)
+    maps = exp.maps.detach().float().cpu()
+    raw = exp.raw_maps.detach().float().cpu() if (method in CAM_METHODS and exp.raw_maps is not None) else None
+    logits = exp.logits.detach().float().cpu()
+    probs = torch.sigmoid(logits) if ctx["multilabel"] else torch.softmax(logits, dim=1)
+    pre: Preprocessing = ctx["pre"]
+    for b, it in enumerate(items):
+        s: Sample = it["sample"]
+        H, W = int(it["height"]), int(it["width"])
+        ident = _identity_geometry(pre, H, W)
+        fs = list(dict.fromkeys(g.finding for g in gts[it["index"]]))
+        map_file = ""
+        if ctx["save_maps"]:
+            rel = Path("maps") / method / f"{_safe_name(s.image_id)}.npz"
+            _save_maps(ctx["out"] / rel, {f: maps[b, k].numpy() for k, f in enumerate(fs)})
+            map_file = rel.as_posix()
+        n_boxes = sum(1 for g in gts[it["index"]] if g.gt == "box")
+        rows = []
+        for g in gts[it["index"]]:
+            k = fs.index(g.finding)
+            cls = targets[b][k]
+            mask = _gt_mask(s, g, H, W)
+            if ident:
+                h = raw[b, k] if raw is not None else maps[b, k]
+                sc = localization_scores(h, mask, ctx["thresholds"], original_size=(H, W), resize=ctx["resize"],
+                                         empty_region=ctx["empty_region"], scaling=ctx["scaling"])
+            else:
+                src = raw[b, k] if raw is not None else maps[b, k]
+                h = pre.to_original(src, H, W)
+                sc = localization_scores(h, mask, ctx["thresholds"], original_size=(H, W),
+                                         empty_region=ctx["empty_region"], scaling=ctx["scaling"])
+            bx = (g.box.x, g.box.y, g.box.w, g.box.h) if g.box is not None else _bbox_of(mask)
+            rows.append({
+                "image_id": s.image_id, "finding": g.finding, "method": method, "gt": g.gt, "gt_index": g.gt_index,
+                "logit": float(logits[b, cls]), "prob": float(probs[b, cls]), "n_boxes": n_boxes, **sc,
+                "split": ctx["splits"].get(s.image_id, ""), "map_file": map_file, "image_path": str(s.path),
+                "height": H, "width": W, "box_x": bx[0], "box_y": bx[1], "box_w": bx[2], "box_h": bx[3],
+            })
+        yield rows

@@ -1,0 +1,253 @@
+"""End-to-end tests of the evaluation pipeline on a tiny synthetic benchmark and a tiny CNN."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import warnings
+from argparse import ArgumentParser
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn as nn
+
+from cxr_explain.attribution import explain
+from cxr_explain.data.images import get_preprocessing
+from cxr_explain.data.nih import NIHDataset
+from cxr_explain.data.phantom import generate
+from cxr_explain.errors import CxrExplainError
+from cxr_explain.evaluation import add_evaluate_arguments, evaluate, load_maps
+from cxr_explain.evaluation.commands import load_dataset_from_args
+from cxr_explain.evaluation.faithfulness import cascade_layers
+from cxr_explain.evaluation.results import ROW_KEY, ResultsWriter, read_results, results_columns
+from cxr_explain.evaluation.summary import write_summaries
+from cxr_explain.metrics.localization import localization_scores
+from cxr_explain.models.zoo import BENCHMARK_LABELS, ModelSpec
+
+METHODS = ("cam", "lrp", "rap")
+INPUT = 48  # model resolution; the films are 64 px, so maps are resized to the original space
+
+
+def tiny_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    m = nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 8, 3, padding=1),
+                      nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, len(BENCHMARK_LABELS)))
+    m.cxr_spec = ModelSpec(arch="tiny-cnn", labels=list(BENCHMARK_LABELS), preprocessing="gray", input_size=INPUT)
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("phantom")
+    generate(root, 16, seed=5, size=64, workers=1, progress=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def dataset(phantom):
+    return NIHDataset(phantom, boxed_only=True, findings=BENCHMARK_LABELS)
+
+
+@pytest.fixture(scope="module")
+def full_run(dataset, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("full")
+    evaluate(tiny_model(), dataset, METHODS, out_dir=out, batch_size=4, progress=False, report=False)
+    return out
+
+
+def _counts(dataset):
+    boxes = sum(len(s.boxes) for s in dataset.samples)
+    masks = sum(len(dataset[i].masks) for i in range(len(dataset)))
+    return boxes, masks
+
+
+def _rows(path: Path) -> pd.DataFrame:
+    df = read_results(path / "results.csv")
+    return df.sort_values(ROW_KEY).reset_index(drop=True)
+
+
+def test_one_row_per_region_and_method(full_run, dataset):
+    boxes, masks = _counts(dataset)
+    assert boxes > 5 and masks > 5
+    df = read_results(full_run / "results.csv")
+    assert len(df) == (boxes + masks) * len(METHODS)
+    assert (df["gt"] == "box").sum() == boxes * len(METHODS)
+    need = ["image_id", "finding", "method", "gt", "logit", "prob", "n_boxes", "iou@0.1", "iou@0.2", "iou@0.3",
+            "iou@0.4", "iou@0.5", "iou_otsu", "hit", "mass", "rank_acc", "auprc", "split", "map_file"]
+    assert all(c in df.columns for c in need)
+    assert not df.duplicated(ROW_KEY).any()
+    for c in ["iou@0.1", "iou@0.5", "iou_otsu", "mass", "rank_acc", "auprc"]:
+        assert df[c].between(0, 1).all(), c
+    assert set(df["split"]) <= {"train", "val", "test"} and (df["split"] == "test").any()
+    # maps: float16, model resolution, one array per finding
+    row = df.iloc[0]
+    z = np.load(full_run / row["map_file"])
+    assert z[row["finding"]].dtype == np.float16 and z[row["finding"]].shape == (INPUT, INPUT)
+    assert set(load_maps(full_run / row["map_file"])) == set(df[df["image_id"] == row["image_id"]]["finding"])
+
+
+def test_scores_follow_the_paper_protocol(full_run, dataset):
+    """Recompute one box row independently: the logit of the box's finding, the map in original space."""
+    df = read_results(full_run / "results.csv")
+    r = df[(df["method"] == "lrp") & (df["gt"] == "box")].iloc[0]
+    i = dataset.index_of(r["image_id"])
+    s = dataset[i]
+    xr = dataset.read_image(i)
+    x, _, _ = get_preprocessing("gray", INPUT)(xr)
+    model = tiny_model()
+    k = list(BENCHMARK_LABELS).index(r["finding"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exp = explain(model, x[None], "lrp", target=k)
+    assert r["logit"] == pytest.approx(float(model(x[None])[0, k].detach()), rel=1e-5, abs=1e-6)
+    box = s.boxes[int(r["gt_index"])]
+    sc = localization_scores(exp.maps[0], box.to_mask(64, 64), original_size=(64, 64))
+    for c in ["iou@0.1", "iou@0.3", "iou@0.5", "mass", "auprc"]:
+        assert r[c] == pytest.approx(sc[c], abs=1e-6), c
+    saved = load_maps(full_run / r["map_file"])[r["finding"]]
+    assert np.allclose(saved, exp.maps[0].numpy(), atol=1e-3 * float(exp.maps[0].abs().max()))
+
+
+def test_rerun_appends_nothing(full_run, dataset):
+    before = (full_run / "results.csv").read_bytes()
+    evaluate(tiny_model(), dataset, METHODS, out_dir=full_run, batch_size=4, progress=False, report=False)
+    assert (full_run / "results.csv").read_bytes() == before
+
+
+def test_interrupted_run_resumes_to_the_same_rows(full_run, dataset, tmp_path):
+    out = tmp_path / "cut"
+    evaluate(tiny_model(), dataset, METHODS, out_dir=out, batch_size=4, progress=False, stop_after_batches=2)
+    p = out / "results.csv"
+    partial = read_results(p)
+    assert 0 < len(partial) < len(read_results(full_run / "results.csv"))
+    # a kill -9 mid-write: drop the last two lines and leave half of the next one
+    lines = p.read_text().splitlines(keepends=True)
+    p.write_text("".join(lines[:-3]) + lines[-3][: len(lines[-3]) // 2])
+    evaluate(tiny_model(), dataset, METHODS, out_dir=out, batch_size=4, progress=False, report=False)
+    got, want = _rows(out), _rows(full_run)
+    assert len(got) == len(want)
+    pd.testing.assert_frame_equal(got.drop(columns=["map_file"]), want.drop(columns=["map_file"]), check_exact=False,
+                                  rtol=1e-5, atol=1e-6)
+
+
+def test_writer_drops_incomplete_groups(tmp_path):
+    cols = results_columns([0.1])
+    w = ResultsWriter(tmp_path / "r.csv", cols)
+    w.write_group([{"image_id": "a", "method": "lrp", "finding": "Mass", "gt": "box", "gt_index": k} for k in range(2)])
+    w.write_group([{"image_id": "b", "method": "lrp", "finding": "Mass", "gt": "box", "gt_index": 0}])
+    w.close()
+    w2 = ResultsWriter(tmp_path / "r.csv", cols, expected={("a", "lrp"): 2, ("b", "lrp"): 2})
+    w2.close()
+    assert w2.done == {("a", "lrp")}
+    assert list(read_results(tmp_path / "r.csv")["image_id"]) == ["a", "a"]
+
+
+def test_boxes_only_and_settings_guard(dataset, tmp_path):
+    boxes, _ = _counts(dataset)
+    out = evaluate(tiny_model(), dataset, ("gradient-x-input",), out_dir=tmp_path, progress=False, report=False,
+                   use_masks=False, save_maps=False)
+    df = read_results(out / "results.csv")
+    assert len(df) == boxes and set(df["gt"]) == {"box"} and (df["map_file"] == "").all()
+    assert json.loads((out / "run.json").read_text())["resize"] == "bilinear"
+    with pytest.raises(CxrExplainError, match="resize"):
+        evaluate(tiny_model(), dataset, ("gradient-x-input",), out_dir=tmp_path, progress=False, report=False,
+                 use_masks=False, resize="nearest")
+
+
+def test_summaries_table2_layout(full_run):
+    written = write_summaries(full_run)
+    md = written["table2_all_box"].read_text()
+    assert "Protocol: paper §1" in md and "original pixel space" in md
+    assert "| 0.1 | CAM |" in md and "| 0.5 | RAP |" in md
+    df = read_results(full_run / "results.csv")
+    box = df[(df["gt"] == "box") & (df["method"] == "lrp")]
+    n_row = [ln for ln in md.splitlines() if ln.startswith("| n |")][0]
+    assert n_row.rstrip(" |").endswith(str(len(box)))
+    data = json.loads((full_run / "tables" / "table2_all_box.json").read_text())
+    cell = [r for r in data["rows"] if r["metric"] == "iou@0.3" and r["method"] == "lrp" and r["finding"] == "All"][0]
+    assert cell["mean"] == pytest.approx(box["iou@0.3"].mean())
+    assert cell["ci_low"] <= cell["mean"] <= cell["ci_high"]
+    assert "test" in {p.name.split("_")[1] for p in (full_run / "tables").glob("table2_*.md")}
+    csv = pd.read_csv(full_run / "tables" / "metrics_all_mask.csv")
+    assert {"hit", "mass", "rank_acc", "auprc", "iou_otsu"} <= set(csv["metric"]) and (csv["protocol"].str.len() > 50).all()
+
+
+def test_split_filter(dataset, tmp_path):
+    out = evaluate(tiny_model(), dataset, ("cam",), out_dir=tmp_path, split="test", progress=False, report=False)
+    df = read_results(out / "results.csv")
+    assert len(df) > 0 and (df["split"] == "test").all()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_shards_and_merges(phantom, full_run, tmp_path):
+    script = tmp_path / "run.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from test_evaluation import tiny_model, METHODS
+        from cxr_explain.data.nih import NIHDataset
+        from cxr_explain.models.zoo import BENCHMARK_LABELS
+        from cxr_explain.evaluation import evaluate
+        ds = NIHDataset({str(phantom)!r}, boxed_only=True, findings=BENCHMARK_LABELS)
+        evaluate(tiny_model(), ds, METHODS, out_dir={str(tmp_path / 'dist')!r}, batch_size=4, progress=False,
+                 report=False)
+    """))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                        f"--master_port={_free_port()}", str(script)], capture_output=True, text=True, env=env,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert not list((tmp_path / "dist").glob("results.rank*.csv"))
+    got, want = _rows(tmp_path / "dist"), _rows(full_run)
+    pd.testing.assert_frame_equal(got[ROW_KEY + ["iou@0.3", "mass"]], want[ROW_KEY + ["iou@0.3", "mass"]],
+                                  check_exact=False, rtol=1e-5, atol=1e-6)
+
+
+def test_faithfulness_tables(dataset, tmp_path):
+    out = evaluate(tiny_model(), dataset, ("lrp", "cam"), out_dir=tmp_path, progress=False, report=False,
+                   faithfulness=True, faithfulness_images=2, use_masks=False)
+    f = pd.read_csv(out / "faithfulness.csv")
+    assert len(f) == 4 and np.isfinite(f[["deletion_auc", "insertion_auc"]].to_numpy()).all()
+    r = pd.read_csv(out / "randomization.csv")
+    layers = cascade_layers(tiny_model())
+    assert len(r) == 2 * 2 * (len(layers) + 1) and (r[r["step"] == 0]["spearman_abs"] == 1).all()
+    assert "Deletion / insertion AUC" in (out / "tables" / "faithfulness.md").read_text()
+    assert (out / "figures" / "randomization.png").stat().st_size > 1000
+
+
+def test_cascade_layers_top_down():
+    from cxr_explain.models.zoo import build_model
+
+    names = cascade_layers(build_model("resnet18", 2))
+    assert names[0] == "fc" and names[-1] == "conv1" and "layer4" in names
+
+
+def test_cli_arguments_and_layout_detection(phantom):
+    p = add_evaluate_arguments(ArgumentParser())
+    args = p.parse_args(["--data", str(phantom), "--methods", "lrp", "--thresholds", "0.2", "0.4"])
+    assert args.methods == ["lrp"] and args.thresholds == [0.2, 0.4] and args.resize == "bilinear"
+    ds = load_dataset_from_args(args, list(BENCHMARK_LABELS))
+    assert isinstance(ds, NIHDataset) and len(ds) > 0
+    args = p.parse_args(["--data", str(phantom / "nope")])
+    with pytest.raises(CxrExplainError, match="not found"):
+        load_dataset_from_args(args, list(BENCHMARK_LABELS))
+
+
+def test_demo_with_a_given_model(tmp_path, capsys):
+    from cxr_explain.evaluation.demo import demo
+
+    report = demo(tmp_path, model=tiny_model(), seed=5, size=64, n_generate=16, max_images=2, progress=False, workers=1)
+    out = capsys.readouterr().out
+    assert report.is_file() and "| 0.1 | CAM |" in out and str(report.resolve()) in out
+    df = read_results(tmp_path / "results" / "results.csv")
+    assert df["image_id"].nunique() == 2 and (df["split"] == "test").all()
