@@ -229,12 +229,15 @@ def render_phantom(index: int, seed: int = 0, size: int = 1024, config: PhantomC
         if present:
             cue_mask = draw_cue(r_cue, size)
             img = np.where(cue_mask, cue_pattern(cue_mask), img)
-    # grain: white + slightly correlated component
-    g = rng.uniform(0.008, 0.018) * cfg.noise
+    # grain: white + slightly correlated (half-resolution) component, in 8-bit units
+    g = rng.uniform(0.008, 0.018) * cfg.noise * 0.7 * 255.0
     noise = rng.standard_normal((size, size), dtype=np.float32)
     noise += resize_field(rng.standard_normal((size // 2, size // 2), dtype=np.float32), size)
-    img = img + (g * 0.7) * noise
-    image = np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    noise *= np.float32(g)
+    img *= np.float32(255.0)
+    img += noise
+    img += np.float32(0.5)
+    image = np.clip(img, 0, 255, out=img).astype(np.uint8)
     age = int(np.clip(np.random.default_rng([seed, patient, 2]).normal(50, 17), 1, 93)) + follow // 2
     view = "AP" if rng.random() < 0.4 else "PA"
     image_id = _rsna_id(seed, index) if layout == "rsna" else f"{patient:08d}_{follow:03d}"

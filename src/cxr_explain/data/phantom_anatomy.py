@@ -232,7 +232,6 @@ def render_anatomy(an: Anatomy, rng: np.random.Generator, size: int,
     """
     U, V = patient_grid(an, size)
     cx, sc, b = an.cx, an.sc, an.body
-    px = 1.0 / size
     x = U - cx
     ax = np.abs(x)
     # --- body soft tissue: neck, sloping shoulders, trunk ---
@@ -264,8 +263,6 @@ def render_anatomy(an: Anatomy, rng: np.random.Generator, size: int,
     # trachea (air column down to the carina)
     tr = np.exp(-(x / (0.018 * sc)) ** 2) * np.clip((an.v_apex + 0.2 * sc - V) / 0.05, 0, 1)
     mu -= 0.3 * tr
-    # --- heart and aortic knob ---
-    # (the heart shows as the air-free silhouette between the lungs; no extra density)
     # --- lungs (air) ---
     lf = gaussian_filter(lung_field.astype(np.float32), 2.5 * size / 512)
     depth = np.clip((V - an.v_apex) / (0.45 * sc), 0.2, 1.0) ** 0.5
@@ -292,7 +289,6 @@ def render_anatomy(an: Anatomy, rng: np.random.Generator, size: int,
     ka = np.floor(wa / (0.055 * sc))
     ant = np.where((xr > 0.2) & (xr < 1.0) & (ka >= 0) & (ka < 6), _band(fa - 0.2, 0.15), 0)
     mu += 0.03 * ant * lf
-    # lateral ribcage edge (soft tissue + rib ends beyond the lung)
     # --- clavicles ---
     for s in (-1, 1):
         xs = s * x / sc  # lateral distance, signed so positive is lateral on this side
@@ -306,12 +302,14 @@ def render_anatomy(an: Anatomy, rng: np.random.Generator, size: int,
         for s in (-1, 1):
             bu, bv = cx + s * 0.24 * sc, an.v_dome[s] + 0.05
             r = np.hypot((U - bu) / (0.17 * sc), (V - bv) / (0.13 * sc))
-            mu += 0.1 * gaussian_filter(np.clip(1 - r ** 2, 0, None) ** 0.5, 3 * size / 512)
+            t = np.clip((1 - r) / 0.35, 0, 1)
+            mu += 0.1 * t * t * (3 - 2 * t)  # smoothstep edge
     # --- gastric bubble ---
     if rng.random() < 0.6:
         gu, gv = cx + 0.13 * sc, an.v_dome[1] + 0.05 * sc
         r = np.hypot((U - gu) / (0.045 * sc), (V - gv) / (0.03 * sc))
-        mu -= 0.25 * gaussian_filter(np.clip(1 - r ** 2, 0, None) ** 0.5, 1.0 * size / 512)
+        t = np.clip((1 - r) / 0.3, 0, 1)
+        mu -= 0.25 * t * t * (3 - 2 * t)
     # --- vessels and parenchymal texture ---
     ves = _vessel_image(an, rng, size)
     ves = gaussian_filter(ves, 0.7 * size / 512)
@@ -327,5 +325,10 @@ def render_anatomy(an: Anatomy, rng: np.random.Generator, size: int,
 
 def tone_map(mu: np.ndarray, k: float, lo: float, hi: float, gamma: float) -> np.ndarray:
     """Film response ``I = 1 - exp(-k mu)``, windowed to ``((I - lo)/(hi - lo))^gamma`` in [0, 1]."""
-    i = 1.0 - np.exp(-k * np.clip(mu, 0, None))
-    return np.clip((i - lo) / (hi - lo), 0, 1) ** gamma
+    i = np.maximum(mu, 0).astype(np.float32, copy=False)
+    i *= np.float32(-k)
+    np.exp(i, out=i)  # exp(-k mu); then (1 - e - lo) / (hi - lo), in place
+    i *= np.float32(-1.0 / (hi - lo))
+    i += np.float32((1.0 - lo) / (hi - lo))
+    np.clip(i, 0, 1, out=i)
+    return np.power(i, np.float32(gamma), out=i)
