@@ -54,7 +54,7 @@ def test_rsp_on_vgg16_conserves_the_start_relevance():
     model = build("vgg16", size=64).to(F64)
     x = images(2, 64, seed=21, dtype=F64)
     e = explain(model, x, "rsp", target=[3, 1])
-    start = e.layer_sums["features_29"]
+    start = e.layer_sums["features_28"]  # Σ R at the last conv's output = Σ of the start tensor
     assert torch.isfinite(e.maps).all()
     torch.testing.assert_close(e.maps.flatten(1).sum(1), start, rtol=1e-8, atol=1e-10)
     # the start is the Grad-CAM-like tensor divided by its max: its max is 1

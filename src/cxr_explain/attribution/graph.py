@@ -124,6 +124,7 @@ class LayerNode:
     module: Optional[nn.Module] = None
     module_path: Optional[str] = None
     inputs: list["LayerNode"] = field(default_factory=list)  # tensor inputs, in argument order
+    nonnegative: bool = False  # output is ≥ 0 by construction (after a ReLU, pools / cat of such)
 
     def __repr__(self) -> str:  # short, for error messages
         where = f" ({self.module_path})" if self.module_path else ""
@@ -169,6 +170,8 @@ class TracedModel:
             for inp in n.inputs:
                 self._consumers[inp.name].append(n)
         self._assign_roles()
+        self._infer_nonnegative()
+        self._relevant: Optional[list[LayerNode]] = None
 
     # -- classification ---------------------------------------------------------------------
     def _classify(self, node: fx.Node) -> tuple[str, Optional[nn.Module], Optional[str]]:
@@ -224,12 +227,25 @@ class TracedModel:
                 continue
             frontier.extend(self._consumers[n.name])
 
+    def _infer_nonnegative(self) -> None:
+        keeps_sign = {"maxpool", "avgpool", "adaptive_avgpool", "reshape", "identity", "cat"}
+        for n in self.nodes:
+            if n.kind == "relu":
+                n.nonnegative = True
+            elif n.kind in keeps_sign and n.inputs:
+                n.nonnegative = all(i.nonnegative for i in n.inputs if i.kind not in NON_TENSOR_KINDS)
+
     # -- queries ----------------------------------------------------------------------------
     def consumers(self, node: LayerNode) -> list[LayerNode]:
         return self._consumers[node.name]
 
     def relevant_nodes(self) -> list[LayerNode]:
         """Nodes on a path from the input to the logits (the ones relevance flows through)."""
+        if self._relevant is None:
+            self._relevant = self._find_relevant()
+        return self._relevant
+
+    def _find_relevant(self) -> list[LayerNode]:
         upstream = set()
         stack = [self.logits]
         while stack:

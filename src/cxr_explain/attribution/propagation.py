@@ -23,7 +23,7 @@ Tensor = torch.Tensor
 @dataclass
 class PropagationResult:
     input_relevance: Tensor  # (K, B, *input_shape)
-    layer_sums: dict[str, Tensor]  # node name -> (K, B)
+    layer_sums: dict[str, Tensor]  # node name -> (K, B), for nodes whose rule is not exact by construction
     leaks: dict[str, Tensor]  # node name -> (K, B): Σ R at output − Σ R passed to inputs
     kept: dict[str, Tensor]  # node name -> (K, B, *shape): relevance at that node's output, on request
 
@@ -70,14 +70,18 @@ def propagate(
         if len(outs) != len(tensor_inputs):
             raise CxrExplainError(f"rule {rule!r} returned {len(outs)} relevances for {len(tensor_inputs)} "
                                   f"inputs at node {node!r}")
-        if keep_sums:
+        if keep_sums and not rule.exact:
             out_sum = per_sample_sum(R)
-            in_sum = torch.zeros_like(out_sum)
-            for inp, r in zip(tensor_inputs, outs):
-                if r is not None and inp.name in relevant_names:
-                    in_sum = in_sum + per_sample_sum(r)
+            if step.leak is not None:
+                leak = step.leak
+            else:
+                in_sum = torch.zeros_like(out_sum)
+                for inp, r in zip(tensor_inputs, outs):
+                    if r is not None and inp.name in relevant_names:
+                        in_sum = in_sum + per_sample_sum(r)
+                leak = out_sum - in_sum
             layer_sums[node.name] = out_sum
-            leaks[node.name] = out_sum - in_sum
+            leaks[node.name] = leak
         for inp, r in zip(tensor_inputs, outs):
             if r is None or inp.name not in relevant_names:
                 continue

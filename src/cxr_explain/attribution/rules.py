@@ -29,10 +29,15 @@ Tensor = torch.Tensor
 # --------------------------------------------------------------------------------------------
 
 
+def safe_inverse(d: Tensor) -> Tensor:
+    """``1/d`` where ``d != 0``, exactly 0 where ``d == 0`` (computed once per layer and image, then
+    multiplied into the relevance of every target)."""
+    return torch.reciprocal(d).masked_fill_(d == 0, 0)
+
+
 def sdiv(n: Tensor, d: Tensor) -> Tensor:
     """Safe division: ``n/d`` where ``d != 0``, exactly 0 where ``d == 0``."""
-    nz = d != 0
-    return torch.where(nz, n / torch.where(nz, d, torch.ones_like(d)), torch.zeros((), dtype=n.dtype, device=n.device))
+    return (n / d).masked_fill_(d == 0, 0)
 
 
 def merge_kb(t: Tensor) -> Tensor:
@@ -60,16 +65,28 @@ class Step:
     record: ForwardRecord
     n_targets: int
     cache: dict[str, Any] = field(default_factory=dict)  # per-explain cache (modified weights)
+    leak: Optional[Tensor] = None  # (K, B) relevance the rule lost, when the rule knows it
 
     @property
     def x(self) -> Tensor:
         return self.inputs[0]
 
+    @property
+    def x_nonnegative(self) -> bool:
+        """The first input is ≥ 0 by construction (known from the graph, no pass over the data)."""
+        return bool(self.node.inputs and self.node.inputs[0].nonnegative)
+
 
 class Rule:
-    """A relevance rule. Subclasses implement :meth:`backward`."""
+    """A relevance rule. Subclasses implement :meth:`backward`.
+
+    ``exact``: the rule passes on exactly the relevance it receives, by construction, so the engine
+    does not spend a reduction checking it. A rule that knows its own loss cheaply may set
+    ``step.leak`` (K, B) instead of letting the engine sum input and output relevance.
+    """
 
     name = "rule"
+    exact = False
 
     def backward(self, step: Step, R: Tensor) -> list[Optional[Tensor]]:
         raise NotImplementedError
@@ -87,6 +104,7 @@ class Pass(Rule):
     """Identity: ``R_in = R`` (ReLU, Dropout, Identity; BatchNorm in the authors' LRP)."""
 
     name = "pass"
+    exact = True
 
     def backward(self, step, R):
         return [R]
@@ -98,13 +116,17 @@ class MaskedPass(Rule):
     name = "masked-pass"
 
     def backward(self, step, R):
-        return [R * (step.x != 0)]
+        zero = step.x == 0
+        if not bool(zero.any()):  # the usual case: no copy at all
+            return [R]
+        return [R.masked_fill(zero, 0)]
 
 
 class Reshape(Rule):
     """Flatten / view / reshape: relevance takes the input's shape back."""
 
     name = "reshape"
+    exact = True
 
     def backward(self, step, R):
         return [R.reshape(R.shape[0], *step.x.shape)]
@@ -114,6 +136,7 @@ class Slice(Rule):
     """``torch.cat``: the relevance is sliced back into the concatenated inputs."""
 
     name = "slice"
+    exact = True
 
     def backward(self, step, R):
         fx_node = step.node.fx_node
@@ -341,11 +364,12 @@ class ZRule(Rule):
     def _inputs(self, step: Step, x: Tensor) -> dict[str, Tensor]:
         mods = {t.input_mod for t in self.terms}
         out: dict[str, Tensor] = {}
+        nonneg = step.x_nonnegative
         if "id" in mods:
             out["id"] = x
         if "pos" in mods:
-            out["pos"] = x.clamp(min=0)
-        if "neg" in mods and bool((x < 0).any()):
+            out["pos"] = x if nonneg else x.clamp(min=0)
+        if "neg" in mods and not nonneg and bool((x < 0).any()):
             out["neg"] = x.clamp(max=0)
         if "ones" in mods:
             out["ones"] = torch.ones_like(x)
@@ -368,7 +392,7 @@ class ZRule(Rule):
         if self.use_bias and lm.bias is not None:
             z = z + lm.bias_shape(z).detach()
         if self.stabilizer == "safe":
-            s = sdiv(R, z)
+            s = R * safe_inverse(z)
         elif self.stabilizer == "epsilon":
             s = R / (z + self.epsilon * torch.where(z >= 0, 1.0, -1.0).to(z.dtype))
         elif self.stabilizer == "plus-epsilon":
@@ -510,41 +534,45 @@ class RapHidden(Rule):
 
     def backward(self, step, R):
         lm = LinearMap(step.node.module, step.node)
-        x = step.x.clamp(min=0)
+        signed = not step.x_nonnegative and bool((step.x < 0).any())
+        x = step.x.clamp(min=0) if signed else step.x
         Wp = _weights(step, lm, "pos")
         P = lm.forward(x, Wp)
         z = step.output
         if lm.bias is not None:
             z = z - lm.bias_shape(z).detach()
-        if bool((step.x < 0).any()):
+        if signed:
             # signed input: z is not P − N any more; compute N directly
             N = -lm.forward(x, _weights(step, lm, "neg"))
         else:
             N = (P - z).clamp(min=0)
-        PN = P + N
-        m = PN != 0
-        Rp = R.clamp(min=0)
-        Rn = R.clamp(max=0)
-        last = torch.where(N != 0, sdiv(R, PN), torch.zeros((), dtype=R.dtype, device=R.device))
+        # P, N ≥ 0, so P ≠ 0 or N ≠ 0 already implies P + N ≠ 0: the spec's extra masks are implied.
+        inv_p = safe_inverse(P)
+        inv_pn = safe_inverse(P + N).masked_fill_(N == 0, 0)  # the last term is zero where N = 0
         if lm.is_conv:
-            s_pos = sdiv(Rp, P) * m
-            s_neg = sdiv(Rn, N) * m + last
+            s_pos = R.clamp(min=0) * inv_p
+            s_neg = R.clamp(max=0) * safe_inverse(N) + R * inv_pn
         else:
-            s_pos = sdiv(R, P) * m
-            s_neg = last
+            s_pos = R * inv_p
+            s_neg = R * inv_pn
         k = R.shape[0]
         g = lm.transpose(merge_kb(s_pos), Wp, x.shape[1:])
         g = g + lm.transpose(merge_kb(s_neg), _weights(step, lm, "negabs"), x.shape[1:])
         C = x.unsqueeze(0) * split_kb(g, k)
         if self.shift:
-            C = uniform_shift(C, per_sample_sum(R))
+            C, gamma = uniform_shift(C, per_sample_sum(R))
+            step.leak = per_sample_sum(R) * (gamma == 0)  # all of R is lost only where nothing is active
         return [C]
 
 
-def uniform_shift(C: Tensor, target_sum: Tensor) -> Tensor:
+def uniform_shift(C: Tensor, target_sum: Tensor) -> tuple[Tensor, Tensor]:
     """``C_i ← C_i − δ`` on the non-zero entries, ``δ = sdiv(ΣC − target, Γ)``, ``Γ = #(C ≠ 0)``
-    counted per (target, sample) over the whole tensor (rap.md §2.3)."""
-    nz = C != 0
-    gamma = per_sample_sum(nz.to(C.dtype))
-    delta = sdiv(per_sample_sum(C) - target_sum, gamma)
-    return C - delta.view(*delta.shape, *([1] * (C.dim() - 2))) * nz
+    counted per (target, sample) over the whole tensor (rap.md §2.3). Returns (C, Γ); in place."""
+    k, b = C.shape[:2]
+    C = C.contiguous()
+    flat = C.view(k * b, -1)
+    nz = flat != 0
+    gamma = nz.sum(1).view(k, b)
+    delta = sdiv(per_sample_sum(C) - target_sum, gamma.to(C.dtype))
+    flat.sub_(nz * delta.view(k * b, 1))
+    return C, gamma
