@@ -1,0 +1,184 @@
+"""``cxr-explain``: a thin command line over the API. Each sub-command parses its arguments and
+calls one API function; user errors print one line and exit with status 2."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import warnings
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from .errors import CxrExplainError
+
+
+def _add_model_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--checkpoint", help="weights file (CheXNet model.pth.tar, jrzech checkpoint, torchxrayvision, "
+                   "torchvision state dict or cxr-explain); default: the shipped synthetic-benchmark model")
+    g.add_argument("--arch", help="architecture (densenet121, resnet50, resnet18, resnet34, vgg16, vgg16_bn); "
+                   "inferred from the checkpoint when omitted; without a checkpoint: random weights")
+    g.add_argument("--num-classes", type=int, help="number of outputs (when the checkpoint cannot tell)")
+    g.add_argument("--labels", help="label set name (chexnet, xrv, pneumonia, benchmark) or a comma list")
+    g.add_argument("--trust-pickle", action="store_true",
+                   help="allow checkpoints that pickle whole Python objects (runs code from the file)")
+
+
+def _explain_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("images", nargs="+", help="PNG / JPEG / DICOM files")
+    _add_model_arguments(p)
+    p.add_argument("--method", default="lrp,rap,cam",
+                   help="comma list of methods (see `cxr-explain methods`); default: lrp,rap,cam")
+    p.add_argument("--target", default="predicted",
+                   help="class index, label name, comma list of them, or 'predicted' (default)")
+    p.add_argument("--out", default="cxr_explain_out", help="output folder (default: cxr_explain_out)")
+    p.add_argument("--preprocessing", help="imagenet-rgb | xrv | gray (default: the checkpoint's)")
+    p.add_argument("--size", type=int, help="model input size (default: the checkpoint's, else 224)")
+    p.add_argument("--dtype", choices=["float32", "float64"], default="float32",
+                   help="float64 gives reference-grade LRP/RAP (ResNet RAP drifts in float32; see README)")
+    p.add_argument("--layer", help="feature layer for gradcam / gradcam++ (module path, e.g. layer4)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+
+
+def _explain_command(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from .api import load_images, load_model, save_explanation
+    from .attribution import explain
+    from .attribution.explain import model_labels
+    from .attribution.methods import resolve_method_name
+
+    methods = [resolve_method_name(m) for m in args.method.split(",") if m.strip()]
+    labels = args.labels.split(",") if args.labels and "," in args.labels else args.labels
+    model = load_model(args.checkpoint, arch=args.arch, num_classes=args.num_classes, labels=labels,
+                       trust_pickle=args.trust_pickle, verbose=args.checkpoint is not None)
+    model = model.to(args.device)
+    dtype = torch.float64 if args.dtype == "float64" else None
+    names = model_labels(model)
+    target = _parse_target(args.target)
+    written = []
+    for path in tqdm(args.images, desc="explaining", unit="image", disable=len(args.images) < 2):
+        (img,) = load_images([path], model, args.preprocessing, args.size)
+        x = img.tensor.unsqueeze(0)
+        per_image = [target] if isinstance(target, list) else target
+        for method in methods:
+            e = explain(model, x, method, target=per_image, dtype=dtype, layer=args.layer)
+            if not bool(torch.isfinite(e.maps).all()):
+                raise CxrExplainError(f"{path}: {method} gave NaN/Inf values; try --dtype float64")
+            maps = e.maps[0] if e.maps.dim() == 4 else e.maps
+            ts = e.targets[0] if e.targets.dim() == 2 else e.targets
+            for h, t in zip(maps.reshape(-1, *maps.shape[-2:]), ts.reshape(-1).tolist()):
+                label = names[t] if names and 0 <= t < len(names) else f"class{t}"
+                npy, png = save_explanation(img, h, args.out, method, label)
+                written.append(png)
+    print(f"wrote {len(written)} maps (.npy) and overlays (.png) to {Path(args.out).resolve()}")
+    return 0
+
+
+def _parse_target(text: str):
+    parts = [t.strip() for t in text.split(",") if t.strip()]
+    conv = [int(t) if t.lstrip("-").isdigit() else t for t in parts]
+    if len(conv) == 1:
+        return conv[0]
+    return conv
+
+
+def _methods_command(args: argparse.Namespace) -> int:
+    from .attribution.methods import CAM_METHODS, GRADIENT_METHODS, OTHER_METHODS, PROPAGATION_METHODS
+
+    for name, factory in PROPAGATION_METHODS.items():
+        print(f"{name:22s} {factory().description}")
+    for name in GRADIENT_METHODS:
+        print(f"{name:22s} gradient-based (autograd through the traced graph)")
+    for name in CAM_METHODS:
+        print(f"{name:22s} class activation map")
+    for name, text in OTHER_METHODS.items():
+        print(f"{name:22s} {text}")
+    return 0
+
+
+def _phantom_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--n", type=int, default=200, help="number of images (default 200)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--layout", choices=["nih", "rsna"], default="nih")
+    p.add_argument("--size", type=int, default=1024, help="image size in pixels (default 1024)")
+    p.add_argument("--shortcut", choices=["marker"], help="plant a label-correlated cue in the train split")
+    p.add_argument("--workers", type=int, help="worker processes (default: all cores)")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _phantom_command(args: argparse.Namespace) -> int:
+    from .data.phantom import phantom_cli
+
+    out = phantom_cli(args)
+    print(f"synthetic benchmark written to {Path(out).resolve()}")
+    return 0
+
+
+# Sub-commands whose argument definitions and entry points live beside their API.
+# (module, add-arguments function, command function)
+_DELEGATED: dict[str, tuple[str, str, str, str]] = {
+    "train": ("cxr_explain.training", "add_train_arguments", "train_cli", "train a classifier (NIH or RSNA layout)"),
+    "auroc": ("cxr_explain.training", "add_auroc_arguments", "auroc_cli", "per-class AUROC with bootstrap CIs (Table 1)"),
+    "evaluate": ("cxr_explain.evaluation", "add_evaluate_arguments", "evaluate_cli",
+                 "localisation metrics per box and method (Table 2)"),
+    "report": ("cxr_explain.evaluation", "add_report_arguments", "report_cli", "figures and the HTML report"),
+    "demo": ("cxr_explain.evaluation", "add_demo_arguments", "demo_cli",
+             "the main job on the built-in synthetic benchmark and the shipped model"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cxr-explain",
+        description="Explain chest X-ray classifiers (CAM, Grad-CAM, LRP, RAP, gradients) and measure "
+                    "whether the explanation is the lesion.",
+    )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"cxr-explain {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    p = sub.add_parser("explain", help="heatmaps and overlays for images")
+    _explain_arguments(p)
+    p.set_defaults(func=_explain_command)
+    p = sub.add_parser("methods", help="list the explanation methods")
+    p.set_defaults(func=_methods_command)
+    p = sub.add_parser("phantom", help="generate the synthetic chest X-ray benchmark")
+    _phantom_arguments(p)
+    p.set_defaults(func=_phantom_command)
+    for name, (module, add_args, func, help_text) in _DELEGATED.items():
+        try:
+            mod = importlib.import_module(module)
+            adder, runner = getattr(mod, add_args), getattr(mod, func)
+        except (ImportError, AttributeError):
+            continue  # that part of the tool is not in this build
+        p = sub.add_parser(name, help=help_text)
+        adder(p)
+        p.set_defaults(func=runner)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 1
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")
+            result = args.func(args)
+        return int(result or 0) if not isinstance(result, (str, Path)) else 0
+    except CxrExplainError as exc:
+        print(f"cxr-explain {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"cxr-explain {args.command}: interrupted; finished results are kept, rerun to resume",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
