@@ -55,7 +55,8 @@ class PhantomConfig:
     - ``p_no_finding``: probability that an image has no finding at all.
     - ``distractors``: laterality marker, ECG leads, tube lines burned into some films.
     - ``noise``: multiplies film grain and low-frequency exposure variation.
-    - ``images_per_patient``: follow-ups per patient (image index -> patient ``index // k + 1``).
+    - ``images_per_patient``: follow-ups per patient (image index -> patient ``index // k + 1``;
+      NIH layout only, the RSNA layout has one film per patientId).
     - ``split``: train / val / test fractions, drawn per patient.
     - ``shortcut_target``, ``shortcut_p_pos``, ``shortcut_p_neg``: in the train split the cue
       appears with ``p_pos`` on images with the target finding and ``p_neg`` on the others;
@@ -174,7 +175,7 @@ def render_phantom(index: int, seed: int = 0, size: int = 1024, config: PhantomC
         raise CxrExplainError(f"unknown shortcut {shortcut!r}; use one of {', '.join(SHORTCUTS)} or none")
     if size < 64:
         raise CxrExplainError(f"phantom size {size} is too small; use 64 or more (1024 = NIH)")
-    k = cfg.images_per_patient
+    k = 1 if layout == "rsna" else cfg.images_per_patient  # RSNA: one film per patientId
     patient, follow = index // k + 1, index % k
     rng = np.random.default_rng([seed, index])
     rp = np.random.default_rng([seed, patient, 1])
