@@ -273,6 +273,7 @@ def render_anatomy(an: Anatomy, rng: np.random.Generator, size: int,
     rib_zone = (xr > 0.07) & (xr < 1.12)
     dv = 0.06 * sc * (1 + 0.25 * xr)
     w = V - (an.v_apex - 0.04) + 0.07 * sc * xr - 0.2 * sc * xr ** 2
+    w += (0.006 * sc) * smooth_noise(rng, size, 6)  # ribs are not perfectly regular
     ph = w / dv
     fr = ph % 1.0
     k = np.floor(ph)
