@@ -12,7 +12,7 @@ in-place ReLU hook crash on DenseNet) and never leaves torch.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -53,11 +53,18 @@ def _cam_head(traced: TracedModel) -> tuple[LayerNode, LayerNode]:
     return head, node
 
 
-def cam(traced: TracedModel, x: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """CAM maps (K, B, h, w) at feature resolution, plus logits (B, n) and the features' node name."""
+Resolve = Callable[[Tensor], Tensor]  # logits (B, n) -> targets (B, K)
+
+
+def cam(traced: TracedModel, x: Tensor, resolve: Resolve) -> tuple[Tensor, Tensor, Tensor]:
+    """CAM maps (K, B, h, w) at feature resolution, plus logits (B, n) and targets (B, K).
+
+    One forward that keeps only the pooled feature map and the logits."""
     head, gap = _cam_head(traced)
     with torch.no_grad():
-        record = record_forward(traced, x)
+        record = record_forward(traced, x, keep={gap.inputs[0].name, gap.name})
+        logits = record[traced.logits]
+        targets = resolve(logits)
         A = record[gap.inputs[0]]
         if A.dim() != 4:
             raise CxrExplainError(f"CAM: the pooled feature map at {gap.inputs[0].name!r} is not (B, C, H, W)")
@@ -67,26 +74,32 @@ def cam(traced: TracedModel, x: Tensor, targets: Tensor) -> tuple[Tensor, Tensor
         W = head.module.weight.detach()
         w = W[targets.clamp(min=0).T]  # (K, B, C)
         maps = torch.einsum("kbc,bchw->kbhw", w, A) * (targets.T >= 0).view(*targets.T.shape, 1, 1)
-        logits = record[traced.logits]
-    return maps, logits, A
+    return maps, logits, targets
+
+
+def default_feature_node(traced: TracedModel, x: Tensor) -> LayerNode:
+    """The last spatial feature map for inputs of this size (found once per size, then cached)."""
+    cache = traced.__dict__.setdefault("_spatial_node", {})
+    key = tuple(x.shape[1:])
+    if key not in cache:
+        with torch.no_grad():
+            probe = record_forward(traced, x[:1])
+        cache[key] = last_spatial_node(traced, probe)
+    return cache[key]
 
 
 def gradcam(
-    traced: TracedModel, x: Tensor, targets: Tensor, layer: Optional[str] = None, plusplus: bool = False
-) -> tuple[Tensor, Tensor]:
-    """Grad-CAM(++) maps (K, B, h, w) at the feature layer's resolution, and logits (B, n)."""
-    if layer is None:
-        with torch.no_grad():
-            probe = record_forward(traced, x[:1])
-        feat = last_spatial_node(traced, probe)
-    else:
-        feat = traced.find(layer)
+    traced: TracedModel, x: Tensor, resolve: Resolve, layer: Optional[str] = None, plusplus: bool = False
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Grad-CAM(++) maps (K, B, h, w) at the feature layer's resolution, logits (B, n), targets (B, K)."""
+    feat = traced.find(layer) if layer is not None else default_feature_node(traced, x)
     with torch.enable_grad():
-        record = record_forward(traced, x.detach(), detach_at=feat)
+        record = record_forward(traced, x.detach(), detach_at=feat, keep={feat.name})
         A = record[feat]
         if not isinstance(A, Tensor) or A.dim() != 4:
             raise CxrExplainError(f"Grad-CAM layer {feat!r} does not output a (B, C, H, W) feature map")
         logits = record[traced.logits]
+        targets = resolve(logits.detach())
         maps = []
         k = targets.shape[1]
         for j in range(k):
@@ -101,4 +114,4 @@ def gradcam(
             else:
                 alpha = g.mean((2, 3), keepdim=True)
             maps.append(F.relu((alpha * A).sum(1)).detach())
-    return torch.stack(maps), logits.detach()
+    return torch.stack(maps), logits.detach(), targets

@@ -260,34 +260,41 @@ def _warn_conservation(name: str, cons: Tensor, leaks: dict[str, Tensor]) -> Non
 
 
 def _explain_gradient(traced, x, name, target, labels, steps) -> Explanation:
-    with torch.no_grad():
-        logits = record_forward(traced, x)[traced.logits]
-    targets, per_image = resolve_targets(target, logits, labels)
-    targets = targets.to(x.device)
+    box: dict = {}
+
+    def resolve(logits):
+        t, box["per_image"] = resolve_targets(target, logits, labels)
+        return t.to(x.device)
+
     if name == "integrated-gradients":
+        with torch.no_grad():
+            logits = record_forward(traced, x, keep=set())[traced.logits]
+        targets = resolve(logits)
         rel = gradients.integrated_gradients(traced, x, targets, steps=steps)
     else:
-        g, _ = gradients.input_gradients(traced, x, targets)
+        g, logits, targets = gradients.input_gradients(traced, x, resolve)
         rel = g if name == "gradient" else g * x.unsqueeze(0)
     valid = (targets.T >= 0).view(*targets.T.shape, 1, 1, 1)
     rel = rel * valid
-    return _finish(name, rel.sum(2), logits, targets, per_image, input_relevance=rel)
+    return _finish(name, rel.sum(2), logits, targets, box["per_image"], input_relevance=rel)
 
 
 def _explain_cam(traced, x, name, target, labels, layer) -> Explanation:
-    with torch.no_grad():
-        logits = record_forward(traced, x)[traced.logits]
-    targets, per_image = resolve_targets(target, logits, labels)
-    targets = targets.to(x.device)
+    box: dict = {}
+
+    def resolve(logits):
+        t, box["per_image"] = resolve_targets(target, logits, labels)
+        return t.to(x.device)
+
     if name == "cam":
         if layer is not None:
             raise CxrExplainError("CAM reads the feature map before the global pool; layer= is for gradcam")
-        raw, logits, _ = cam_mod.cam(traced, x, targets)
+        raw, logits, targets = cam_mod.cam(traced, x, resolve)
     else:
-        raw, logits = cam_mod.gradcam(traced, x, targets, layer=layer, plusplus=name == "gradcam++")
+        raw, logits, targets = cam_mod.gradcam(traced, x, resolve, layer=layer, plusplus=name == "gradcam++")
     k, b, h, w = raw.shape
     up = F.interpolate(raw.reshape(k * b, 1, h, w), size=x.shape[-2:], mode="bilinear", align_corners=False)
-    return _finish(name, up.reshape(k, b, *x.shape[-2:]), logits, targets, per_image, raw_maps=raw)
+    return _finish(name, up.reshape(k, b, *x.shape[-2:]), logits, targets, box["per_image"], raw_maps=raw)
 
 
 def _explain_rsp(traced, x, target, labels) -> Explanation:
@@ -296,7 +303,7 @@ def _explain_rsp(traced, x, target, labels) -> Explanation:
     method = rsp_method()
     rsp_start_node(traced)  # architecture check first: a clear error for ResNet / DenseNet
     with torch.no_grad():
-        logits = record_forward(traced, x)[traced.logits]
+        logits = record_forward(traced, x, keep=set())[traced.logits]
     targets, per_image = resolve_targets(target, logits, labels)
     targets = targets.to(x.device)
     node, start, logits, record = rsp_start(traced, x, targets)

@@ -10,7 +10,7 @@ All return the per-channel input attribution of shape (K, B, C, H, W).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional, Union
 
 import torch
 
@@ -26,18 +26,24 @@ def _selected(logits: Tensor, targets_k: Tensor) -> Tensor:
     return (logits.gather(1, idx).squeeze(1) * valid).sum()
 
 
-def input_gradients(traced: TracedModel, x: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-    """``∂y_t/∂x`` for each of the K targets: returns (grads (K, B, C, H, W), logits (B, n))."""
+def input_gradients(
+    traced: TracedModel, x: Tensor, targets: Union[Tensor, Callable[[Tensor], Tensor]]
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``∂y_t/∂x`` for each of the K targets: (grads (K, B, C, H, W), logits (B, n), targets (B, K)).
+
+    ``targets`` may be a function of the logits (e.g. "predicted"), resolved after the one forward."""
     xg = x.detach().requires_grad_(True)
     with torch.enable_grad():
-        record = record_forward(traced, xg)
+        record = record_forward(traced, xg, keep=set())
         logits = record[traced.logits]
+        if callable(targets):
+            targets = targets(logits.detach())
         grads = []
         k = targets.shape[1]
         for j in range(k):
             (g,) = torch.autograd.grad(_selected(logits, targets[:, j]), xg, retain_graph=j < k - 1)
             grads.append(g)
-    return torch.stack(grads), logits.detach()
+    return torch.stack(grads), logits.detach(), targets
 
 
 def integrated_gradients(
@@ -59,6 +65,6 @@ def integrated_gradients(
         n = a.numel()
         pts = (base.unsqueeze(0) + a.view(-1, *([1] * x.dim())) * diff.unsqueeze(0)).reshape(n * x.shape[0], *x.shape[1:])
         tg = targets.repeat(n, 1)
-        g, _ = input_gradients(traced, pts, tg)
+        g, _, _ = input_gradients(traced, pts, tg)
         total += g.reshape(k, n, *x.shape).sum(1)
     return diff.unsqueeze(0) * total / steps

@@ -235,6 +235,19 @@ class TracedModel:
             elif n.kind in keeps_sign and n.inputs:
                 n.nonnegative = all(i.nonnegative for i in n.inputs if i.kind not in NON_TENSOR_KINDS)
 
+    def last_use(self) -> dict[str, list[str]]:
+        """node name -> names of the nodes whose output is last read by that node."""
+        if getattr(self, "_last_use", None) is None:
+            last: dict[str, str] = {}
+            for n in self.nodes:
+                for i in n.inputs:
+                    last[i.name] = n.name
+            out: dict[str, list[str]] = {}
+            for value, user in last.items():
+                out.setdefault(user, []).append(value)
+            self._last_use = out
+        return self._last_use
+
     # -- queries ----------------------------------------------------------------------------
     def consumers(self, node: LayerNode) -> list[LayerNode]:
         return self._consumers[node.name]
@@ -336,13 +349,18 @@ def record_forward(
     x: torch.Tensor,
     stop_at: Optional[LayerNode] = None,
     detach_at: Optional[LayerNode] = None,
+    keep: Optional[set[str]] = None,
 ) -> ForwardRecord:
     """Run the traced graph on ``x`` out of place and keep every node's output.
 
     ``detach_at``: that node's output is detached and made a leaf requiring grad, so a later
     ``autograd.grad`` stops there (Grad-CAM). ``stop_at``: stop after that node.
+    ``keep``: keep only these nodes' outputs (plus the logits); others are freed after their last
+    use, so a forward that needs one feature map (CAM) costs no more memory than a plain one.
     """
     values: dict[str, Any] = {}
+    last_use = traced.last_use() if keep is not None else {}
+    keep_all = None if keep is None else set(keep) | {traced.logits.name}
     pool_indices: dict[str, torch.Tensor] = {}
     gm = traced.graph_module
 
@@ -365,6 +383,10 @@ def record_forward(
         values[ln.name] = out
         if stop_at is not None and ln is stop_at:
             break
+        if keep_all is not None:
+            for done in last_use.get(ln.name, ()):
+                if done not in keep_all:
+                    values.pop(done, None)
     return ForwardRecord(values, pool_indices)
 
 
