@@ -61,7 +61,8 @@ def lrp_reference() -> PropagationMethod:
     rules = _structural(conv=R.zplus(), linear=R.zplus())
     rules[("conv", "first")] = R.zbox("plus-epsilon", 1e-9)
     rules[("linear", "first")] = R.zbox("plus-epsilon", 1e-9)
-    return PropagationMethod("lrp", lrp_reference.__doc__.split("\n")[0], rules, start="logit")
+    return PropagationMethod("lrp", "LRP-α1β0 as the authors' code: z⁺ no bias, zᴮ first layer, starts at the logit",
+                             rules, start="logit")
 
 
 def lrp_epsilon(epsilon: float = 0.25) -> PropagationMethod:
