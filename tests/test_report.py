@@ -1,0 +1,111 @@
+"""The HTML report and the figures: self-contained, renders in headless Chromium without console errors."""
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from PIL import Image
+
+from cxr_explain.data.nih import NIHDataset
+from cxr_explain.data.phantom import generate
+from cxr_explain.evaluation import evaluate
+from cxr_explain.evaluation.results import read_results
+from cxr_explain.models.zoo import BENCHMARK_LABELS, ModelSpec
+from cxr_explain.report.figures import iou_curves, methods_grid, select_regions
+from cxr_explain.report.html import markdown_to_html, write_report
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(1)
+    m = nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 8, 3, padding=1), nn.ReLU(),
+                      nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, len(BENCHMARK_LABELS)))
+    m.cxr_spec = ModelSpec(arch="tiny-cnn", labels=list(BENCHMARK_LABELS), preprocessing="gray", input_size=64)
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("ph")
+    generate(root, 12, seed=7, size=64, workers=1, progress=False)
+    ds = NIHDataset(root, boxed_only=True, findings=BENCHMARK_LABELS)
+    out = tmp_path_factory.mktemp("res")
+    evaluate(_model(), ds, ("cam", "lrp", "rap"), out_dir=out, progress=False, report=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def report(results) -> Path:
+    return write_report(results, gallery_per_finding=3, thumb=96)
+
+
+def test_report_is_self_contained(report, results):
+    text = report.read_text()
+    assert report.name == "report.html"
+    assert not re.search(r"""(src|href)\s*=\s*['"](?!data:)""", text), "external resource referenced"
+    assert "http://" not in text and "https://" not in text
+    imgs = re.findall(r"<img [^>]*src='data:image/png;base64,", text)
+    df = read_results(results / "results.csv")
+    n_findings = df[df["gt"] == "box"]["finding"].nunique()
+    assert len(imgs) >= n_findings * 4  # gallery rows: X-ray + 3 methods (+ curves, grids)
+    assert "Protocol: paper §1" in text and "<table class='t'>" in text
+    for f in set(df["finding"]):
+        assert f"<summary>{f} (" in text
+
+
+def test_figures_written_as_png_and_pdf(report, results):
+    fig = results / "figures"
+    for name in ("iou_curves_all_box", "fig3_best", "fig3_worst", "fig3_random", "fig56_tuples"):
+        assert (fig / f"{name}.png").stat().st_size > 2000 and (fig / f"{name}.pdf").stat().st_size > 2000
+    df = read_results(results / "results.csv")
+    best = select_regions(df, ["cam", "lrp", "rap"], n=3, how="best")
+    worst = select_regions(df, ["cam", "lrp", "rap"], n=3, how="worst")
+    assert best["_rank"].min() >= worst["_rank"].max()
+    paths = methods_grid(results, results / "one", ["lrp", "rap"], n=2, finding=best.iloc[0]["finding"])
+    w, h = Image.open(paths[0]).size
+    assert w > h * 0.8  # one X-ray column + 2 method columns, at most 2 rows
+
+
+def test_markdown_tables_to_html():
+    html = markdown_to_html("### T\n\nProtocol: x <y>\n\n| a | b |\n|---|---|\n| 1 | 2 |\n")
+    assert "<h3>T</h3>" in html and "&lt;y&gt;" in html
+    assert html.count("<td>") == 2 and "<th>a</th>" in html
+
+
+def _chromium(args, timeout=60):
+    return subprocess.run([CHROMIUM, "--headless", "--disable-gpu", "--no-sandbox", "--enable-logging=stderr",
+                           "--v=0", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def _console(stderr: str) -> list[str]:
+    return [ln for ln in stderr.splitlines() if "CONSOLE" in ln or "Uncaught" in ln or "Refused to" in ln]
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs chromium on PATH (apt-get install -y chromium)")
+def test_report_renders_in_headless_chromium(report, tmp_path):
+    # the console check must be able to fail: a page with an error is caught
+    bad = tmp_path / "bad.html"
+    bad.write_text("<html><body><script>console.error('boom')</script></body></html>")
+    assert any("boom" in ln for ln in _console(_chromium(["--dump-dom", bad.as_uri()]).stderr))
+
+    r = _chromium(["--dump-dom", report.as_uri()])
+    assert r.returncode == 0, r.stderr[-1500:]
+    dom = r.stdout
+    assert dom.count("<table class=\"t\">") >= 2 and "Table 2" in dom
+    assert dom.count("<img") >= 10
+    assert _console(r.stderr) == []
+
+    shot = tmp_path / "shot.png"
+    r = _chromium([f"--screenshot={shot}", "--window-size=1200,12000", "--hide-scrollbars", report.as_uri()])
+    assert shot.is_file(), r.stderr[-1500:]
+    assert _console(r.stderr) == []
+    a = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+    reddish = (a[..., 0] > 150) & (a[..., 1] < 110) & (a[..., 2] < 110)
+    assert reddish.sum() > 200  # embedded images (red lesion boxes, heatmaps) were decoded and painted
