@@ -52,7 +52,7 @@ def add_report_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def add_demo_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Options of ``cxr-explain demo``."""
     p.add_argument("--out", default="cxr-explain-demo", help="output folder (benchmark + results)")
-    p.add_argument("--full", action="store_true", help="1000 films, every test image, faithfulness checks")
+    p.add_argument("--full", action="store_true", help="the whole benchmark, every test image, faithfulness checks")
     p.add_argument("--device", default="cpu")
     p.add_argument("--workers", type=int, default=None, help="processes for generating / decoding")
     p.add_argument("--no-progress", action="store_true")

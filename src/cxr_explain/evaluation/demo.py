@@ -1,10 +1,11 @@
 """``demo``: the whole pipeline on the built-in synthetic benchmark with the shipped model.
 
-Default (a few minutes on a 2-core CPU): the benchmark's first 200 films (seed and size from
-``cxr_explain.models.default`` when it defines ``PHANTOM_SEED`` / ``PHANTOM_SIZE``, else 0 and
-1024 px) are generated if absent; CAM, LRP and RAP are evaluated on the first 24 boxed images of
-its **test** split (patients the model never saw), the report is written and Table 2 printed.
-``full=True``: 1000 films, every test image, plus the faithfulness checks.
+Default (a few minutes on a 2-core CPU): the first 200 films of the benchmark the shipped model
+was trained on (seed, film size and size n from the model card stored in the asset, e.g. seed 0,
+128 px, n = 3000; films are deterministic per index, so they are the same films and the same
+patient split) are generated if absent; CAM, LRP and RAP are evaluated on the first 24 boxed
+images of its **test** split (patients the model never saw), the report is written and Table 2
+printed. ``full=True``: all n films, every boxed test image, plus the faithfulness checks.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ FULL_N = 1000
 
 
 def _default_model():
+    """``(model, benchmark seed, film size, benchmark n)`` of the shipped model, from its card."""
     try:
         from ..models import default as dm
     except ImportError:
@@ -30,7 +32,13 @@ def _default_model():
             "evaluate your own checkpoint with `cxr-explain evaluate --checkpoint FILE --data DIR`") from None
     loaded = dm.load_default_model()
     model = loaded[0] if isinstance(loaded, tuple) else loaded
-    return model, int(getattr(dm, "PHANTOM_SEED", 0)), int(getattr(dm, "PHANTOM_SIZE", 1024))
+    bench: dict = {}
+    try:
+        bench = dict(dm.default_model_info().get("card", {}).get("benchmark", {}) or {})
+    except Exception:  # an asset without a card: fall back to the generator's defaults
+        bench = {}
+    size = bench.get("size") or getattr(model.cxr_spec, "input_size", None) or 1024
+    return model, int(bench.get("seed", 0)), int(size), int(bench.get("n") or FULL_N)
 
 
 def demo(out_dir: str | Path = "cxr-explain-demo", full: bool = False, device: str = "cpu",
@@ -46,13 +54,14 @@ def demo(out_dir: str | Path = "cxr-explain-demo", full: bool = False, device: s
     from .runner import evaluate
     from .summary import table2_text
 
+    d_full = FULL_N
     if model is None:
-        model, d_seed, d_size = _default_model()
+        model, d_seed, d_size, d_full = _default_model()
     else:
         d_seed, d_size = 0, 1024
     seed = d_seed if seed is None else int(seed)
     size = d_size if size is None else int(size)
-    n = n_generate or (FULL_N if full else DEMO_N)
+    n = n_generate or (d_full if full else min(DEMO_N, d_full))
     out = Path(out_dir)
     data = out / "phantom"
     have = 0
