@@ -1,7 +1,7 @@
 """Speed and memory of the explanation methods, as ratios to a plain input-gradient pass.
 
 For each architecture and batch size the script measures, in one run and on the same inputs:
-the baseline (forward + backward to the input, parameters frozen), our ``lrp``, ``rap``, ``cam``,
+the baseline (forward + backward to the input, parameters frozen), our ``lrp``, ``rap``, ``rsp``, ``cam``,
 ``gradcam``, ``lrp`` for 8 targets at once, and peers where they run: zennit (z⁺ composite with
 its canonizers), captum's LRP, pytorch-grad-cam's Grad-CAM. Times are medians of ``--repeats``
 runs after a warm-up. ``--memory`` measures the peak resident-memory increase of each method in
@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torchvision
 
-OURS = ["lrp", "rap", "cam", "gradcam"]
+OURS = ["lrp", "rap", "rsp", "cam", "gradcam"]
 PEERS = ["zennit-lrp", "captum-lrp", "pytorch-grad-cam"]
 
 
@@ -51,8 +51,8 @@ def runner(name: str, model: nn.Module, arch: str, x: torch.Tensor) -> Optional[
             return g
         return base
     if name in OURS:
-        if name == "cam" and arch.startswith("vgg"):
-            return None
+        if (name == "cam" and arch.startswith("vgg")) or (name == "rsp" and not arch.startswith("vgg")):
+            return None  # CAM needs a GAP head; RSP is defined for VGG only
         return lambda: explain(model, x, name, target=0, check_conservation=False).maps
     if name == "lrp-8-targets":
         return lambda: explain(model, x, "lrp", target=[list(range(8))] * b, check_conservation=False).maps

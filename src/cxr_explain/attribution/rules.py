@@ -401,17 +401,10 @@ class ZRule(Rule):
             raise ValueError(f"unknown stabilizer {self.stabilizer!r}")
         k = R.shape[0]
         s2 = merge_kb(s)
-        by_param: dict[str, Tensor] = {}
-        for t in terms:
-            by_param.setdefault(t.param_mod, None)
         result = None
-        for pm in by_param:
+        for pm in dict.fromkeys(t.param_mod for t in terms):  # one transposed map per weight modifier
             back = split_kb(lm.transpose(s2, _weights(step, lm, pm), x.shape[1:]), k)
-            factor = None
-            for t in terms:
-                if t.param_mod == pm:
-                    f = t.coef * ins[t.input_mod]
-                    factor = f if factor is None else factor + f
+            factor = sum(t.coef * ins[t.input_mod] for t in terms if t.param_mod == pm)
             contrib = factor * back
             result = contrib if result is None else result + contrib
         return [result]
