@@ -89,7 +89,8 @@ def runner(name: str, model: nn.Module, arch: str, x: torch.Tensor) -> Optional[
         from pytorch_grad_cam import GradCAM
         from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-        layer = {"vgg16": model.features[-1], "resnet50": model.layer4, "densenet121": model.features}[arch]
+        layer = {"vgg16": lambda: model.features[-1], "resnet50": lambda: model.layer4,
+                 "densenet121": lambda: model.features}[arch]()
         targets = [ClassifierOutputTarget(0)] * b
 
         def pgc():

@@ -48,7 +48,7 @@ def propagate(
     layer_sums: dict[str, Tensor] = {}
     leaks: dict[str, Tensor] = {}
     kept: dict[str, Tensor] = {}
-    cache: dict[str, Any] = {}
+    cache = traced.__dict__.setdefault("weight_cache", {})
     k = start.shape[0]
     values = record.values
     result = None

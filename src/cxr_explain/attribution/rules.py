@@ -64,7 +64,7 @@ class Step:
     output: Tensor  # the node's forward output, shape (B, ...)
     record: ForwardRecord
     n_targets: int
-    cache: dict[str, Any] = field(default_factory=dict)  # per-explain cache (modified weights)
+    cache: dict[Any, Any] = field(default_factory=dict)  # modified weights, kept with the traced model
     leak: Optional[Tensor] = None  # (K, B) relevance the rule lost, when the rule knows it
 
     @property
@@ -299,22 +299,26 @@ class LinearMap:
 
 
 def _weights(step: Step, lm: LinearMap, mod: str) -> Tensor:
-    """Modified weights, cached per explain call: ``id``, ``pos`` (W⁺), ``neg`` (W⁻), ``negabs`` (|W⁻|),
-    ``abs``, ``ones``, ``square``."""
-    key = f"{step.node.name}:{mod}"
-    w = step.cache.get(key)
-    if w is None:
-        W = lm.weight.detach()
-        w = {
-            "id": lambda: W,
-            "pos": lambda: W.clamp(min=0),
-            "neg": lambda: W.clamp(max=0),
-            "abs": lambda: W.abs(),
-            "negabs": lambda: (-W).clamp(min=0),
-            "ones": lambda: torch.ones_like(W),
-            "square": lambda: W * W,
-        }[mod]()
-        step.cache[key] = w
+    """Modified weights: ``id``, ``pos`` (W⁺), ``neg`` (W⁻), ``negabs`` (|W⁻|), ``abs``, ``ones``,
+    ``square``. Cached across calls (VGG's first dense layer has 100M weights: clamping it on every
+    call would cost more than the layer) and recomputed when the weight changes (its version
+    counter, storage or dtype)."""
+    W = lm.weight.detach()
+    key = (step.node.name, mod)
+    stamp = (lm.weight._version, W.data_ptr(), W.dtype, W.device)
+    hit = step.cache.get(key)
+    if hit is not None and hit[0] == stamp:
+        return hit[1]
+    w = {
+        "id": lambda: W,
+        "pos": lambda: W.clamp(min=0),
+        "neg": lambda: W.clamp(max=0),
+        "abs": lambda: W.abs(),
+        "negabs": lambda: (-W).clamp(min=0),
+        "ones": lambda: torch.ones_like(W),
+        "square": lambda: W * W,
+    }[mod]()
+    step.cache[key] = (stamp, w)
     return w
 
 
