@@ -237,6 +237,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--generator-note", default="", help="which phantom generator version made the data")
     p.add_argument("--notes", default="", help="free text appended to the card")
     a = p.parse_args(argv)
+    torch.set_num_threads(1)  # fastest on a shared machine
     out = package_default(a.package, a.data, a.out, card_path=a.card[0], generator_note=a.generator_note,
                           notes=a.notes)
     for extra in a.card[1:]:
