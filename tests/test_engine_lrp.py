@@ -21,18 +21,6 @@ F64 = torch.float64
 ARCHS = ["vgg16", "vgg16_bn", "resnet18", "resnet50", "densenet121"]
 
 
-@pytest.fixture(scope="module")
-def models64():
-    cache = {}
-
-    def get(arch):
-        if arch not in cache:
-            cache[arch] = build(arch, size=64).to(F64)
-        return cache[arch]
-
-    return get
-
-
 @pytest.mark.parametrize("arch", ARCHS)
 def test_lrp_conserves_the_logit_in_float64(models64, arch):
     model = models64(arch)

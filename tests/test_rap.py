@@ -267,18 +267,6 @@ ARCHS = ["vgg16", "resnet50", "resnet-tiny", "densenet121"]
 HEAD_INPUT = {"vgg16": "classifier.5", "resnet50": "flatten", "resnet-tiny": "flatten", "densenet121": "flatten"}
 
 
-@pytest.fixture(scope="module")
-def models64():
-    cache = {}
-
-    def get(arch):
-        if arch not in cache:
-            cache[arch] = build(arch, size=64).to(F64)
-        return cache[arch]
-
-    return get
-
-
 @pytest.mark.parametrize("arch", ARCHS)
 def test_rap_conserves_and_first_step_has_the_logit_sign(models64, arch):
     model = models64(arch)

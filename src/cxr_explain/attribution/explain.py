@@ -259,13 +259,20 @@ def _warn_conservation(name: str, cons: Tensor, leaks: dict[str, Tensor]) -> Non
     )
 
 
-def _explain_gradient(traced, x, name, target, labels, steps) -> Explanation:
+def _resolver(target, labels, device):
+    """A ``logits -> targets`` function for methods that resolve targets from their own forward;
+    the returned dict receives ``per_image``."""
     box: dict = {}
 
     def resolve(logits):
         t, box["per_image"] = resolve_targets(target, logits, labels)
-        return t.to(x.device)
+        return t.to(device)
 
+    return resolve, box
+
+
+def _explain_gradient(traced, x, name, target, labels, steps) -> Explanation:
+    resolve, box = _resolver(target, labels, x.device)
     if name == "integrated-gradients":
         with torch.no_grad():
             logits = record_forward(traced, x, keep=set())[traced.logits]
@@ -280,12 +287,7 @@ def _explain_gradient(traced, x, name, target, labels, steps) -> Explanation:
 
 
 def _explain_cam(traced, x, name, target, labels, layer) -> Explanation:
-    box: dict = {}
-
-    def resolve(logits):
-        t, box["per_image"] = resolve_targets(target, logits, labels)
-        return t.to(x.device)
-
+    resolve, box = _resolver(target, labels, x.device)
     if name == "cam":
         if layer is not None:
             raise CxrExplainError("CAM reads the feature map before the global pool; layer= is for gradcam")
