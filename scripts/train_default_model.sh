@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduce the model shipped as src/cxr_explain/assets/default_densenet121.pt.
-# CPU, 1 torch thread (fastest on a shared 2-core machine), about 35-60 minutes depending on load.
+# CPU, 1 torch thread (fastest on a shared 2-core machine), about 45-60 minutes depending on load (the shipped run: 46 min).
 set -euo pipefail
 WORK=${WORK:-/work/runs}
 DATA=$WORK/bench_nih_s0_128
@@ -12,7 +12,7 @@ python3 -c "from cxr_explain.data.phantom import generate; generate('$DATA', n=3
 
 # 2. Train DenseNet-121 from scratch (Adam 1e-3, BCE, ReduceLROnPlateau x0.1, small random affine, no flips).
 python3 -m cxr_explain.training train --data "$DATA" --layout nih --arch densenet121 \
-    --epochs 5 --size 128 --batch-size 16 --lr 1e-3 --workers 0 --device cpu --threads 1 --seed 0 \
+    --epochs 10 --size 128 --batch-size 16 --lr 1e-3 --workers 0 --device cpu --threads 1 --seed 0 \
     --out "$RUN"
 
 # 3. Table 1 on the benchmark's test split.
