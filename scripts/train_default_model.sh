@@ -17,7 +17,7 @@ python3 -m cxr_explain.training train --data "$DATA" --layout nih --arch densene
 
 # 3. Table 1 on the benchmark's test split.
 python3 -m cxr_explain.training auroc --data "$DATA" --checkpoint "$RUN/best.pt" --split test \
-    --batch-size 32 --n-boot 1000 --out "$RUN/test"
+    --batch-size 32 --n-boot 1000 --threads 1 --out "$RUN/test"
 
 # 4. Ship it: fp16 weights, 16 reference test films with their logits, the card numbers; writes
 #    src/cxr_explain/assets/{default_densenet121.pt,MODEL_CARD.md} and docs/MODEL_CARD.md.
