@@ -5,6 +5,7 @@ Tiny setting: a 60-film phantom at 64 px, ResNet-18 at 32 px, one torch thread.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import socket
@@ -16,6 +17,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from cxr_explain.data.images import get_preprocessing
 from cxr_explain.data.phantom import generate
 from cxr_explain.errors import CheckpointError, CxrExplainError
 from cxr_explain.models.checkpoints import load_checkpoint
@@ -68,8 +70,8 @@ def test_evaluate_auroc_keeps_dataset_order(one_epoch, phantom):
     np.testing.assert_array_equal(y, ds.label_matrix())
     assert ((s > 0) & (s < 1)).all()
     # the same scores image by image (batching and order do not matter)
-    x = torch.stack([ds.with_preprocessing(__import__("cxr_explain.data.images", fromlist=["x"])
-                                           .get_preprocessing("imagenet-rgb", 32))[i][0] for i in (0, 5)])
+    pre = ds.with_preprocessing(get_preprocessing("imagenet-rgb", 32))
+    x = torch.stack([pre[i][0] for i in (0, 5)])
     with torch.no_grad():
         z = torch.sigmoid(res.model.eval()(x)).numpy()
     np.testing.assert_allclose(s[[0, 5]], z, atol=1e-5)
@@ -146,7 +148,6 @@ def test_auroc_cli_names_checkpoint_and_split(one_epoch, phantom, capsys, tmp_pa
     table = auroc_cli(args)
     out = capsys.readouterr().out
     assert table in out
-    import hashlib
     sha = hashlib.sha256(res.best.read_bytes()).hexdigest()[:12]
     n_test = len(load_split(phantom, "nih", "test", BENCHMARK_LABELS))
     rows = [line for line in out.splitlines() if line.startswith("| best.pt")]
@@ -185,3 +186,18 @@ def test_default_model_loads_fast_and_reproduces_its_card():
     # the card in the docs quotes the numbers stored in the asset
     card_md = (Path(__file__).resolve().parents[1] / "docs" / "MODEL_CARD.md").read_text()
     assert f"{card['mean_test_auroc']:.3f}" in card_md
+
+
+def test_rsna_layout_trains_one_pneumonia_logit(tmp_path, capsys):
+    data = generate(tmp_path / "rsna", n=24, seed=5, size=64, layout="rsna", workers=1, progress=False)
+    res = fit(_cfg(data, tmp_path / "run", layout="rsna", shortcut_note="none planted"))
+    spec = res.model.cxr_spec
+    assert spec.labels == ["Pneumonia"] and spec.provenance["shortcut_note"] == "none planted"
+    ds = load_split(data, "rsna", "train", ["Pneumonia"])
+    y, s = evaluate_auroc(res.model, ds, batch_size=5)
+    assert y.shape == s.shape == (len(ds), 1) and set(np.unique(y)) <= {0.0, 1.0}
+    args = add_auroc_arguments(argparse.ArgumentParser()).parse_args(
+        ["--data", str(data), "--checkpoint", str(res.best), "--split", "all", "--n-boot", "20"])
+    auroc_cli(args)  # layout detected from stage_2_train_labels.csv
+    rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| best.pt")]
+    assert len(rows) == 2 and "| Pneumonia |" in rows[0] and "all (24 images" in rows[0]
