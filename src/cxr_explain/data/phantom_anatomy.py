@@ -16,7 +16,11 @@ from PIL import Image, ImageDraw
 from scipy.ndimage import gaussian_filter
 
 __all__ = ["Anatomy", "sample_anatomy", "render_anatomy", "lung_masks", "polygon_mask", "patient_grid",
-           "resize_field", "smooth_noise", "tone_map"]
+           "resize_field", "smooth_noise", "tone_map", "CTR_NORMAL", "CTR_CARDIOMEGALY"]
+
+#: Cardiothoracic-ratio ranges: normal hearts and enlarged ones (Cardiomegaly); they overlap.
+CTR_NORMAL: tuple[float, float] = (0.38, 0.52)
+CTR_CARDIOMEGALY: tuple[float, float] = (0.49, 0.62)
 
 
 @dataclass
@@ -68,7 +72,9 @@ def sample_anatomy(rng_patient: np.random.Generator, rng_image: np.random.Genera
                    cardiomegaly: bool = False, raised_side: int = 0) -> Anatomy:
     """Draw a patient's chest (``rng_patient``) and this film's pose / inspiration (``rng_image``).
 
-    ``cardiomegaly`` draws CTR in [0.505, 0.60] instead of [0.40, 0.50]; ``raised_side`` lifts that
+    CTR: normal hearts ``U(0.38, 0.52)`` per patient; ``cardiomegaly`` (an enlarged heart) draws
+    ``0.49 + 0.13 * Beta(1, 2)`` in [0.49, 0.62], most often mild, so the two ranges overlap on
+    [0.49, 0.52] (CTR alone separates them with AUROC ~0.95, not 1). ``raised_side`` lifts that
     hemidiaphragm (volume loss of atelectasis).
     """
     rp, ri = rng_patient, rng_image
@@ -87,8 +93,9 @@ def sample_anatomy(rng_patient: np.random.Generator, rng_image: np.random.Genera
     if raised_side:
         v_cp[raised_side] -= 0.035
         v_dome[raised_side] -= 0.04
-    ctr_normal = rp.uniform(0.40, 0.50)  # always drawn: follow-ups of a patient share anatomy
-    ctr = ri.uniform(0.505, 0.60) if cardiomegaly else ctr_normal
+    ctr_normal = rp.uniform(*CTR_NORMAL)  # always drawn: follow-ups of a patient share anatomy
+    lo, hi = CTR_CARDIOMEGALY
+    ctr = lo + (hi - lo) * ri.beta(1.0, 2.0) if cardiomegaly else ctr_normal
     w_h = ctr * 2 * T
     a_r, a_l = 0.32 * w_h, 0.68 * w_h
     uc = cx + (a_l - a_r) / 2

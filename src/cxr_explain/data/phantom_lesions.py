@@ -18,8 +18,10 @@ from .phantom_anatomy import Anatomy, patient_grid, polygon_mask, resize_field
 __all__ = ["LesionPlan", "plan_lesion", "render_lesion", "pneumothorax_suppression", "draw_cue",
            "cue_pattern", "draw_distractors", "mask_box"]
 
-#: Peak attenuation change per finding at lesion_contrast = 1 (lung air is about -0.75).
-PEAK = {"Nodule": 0.20, "Mass": 0.24, "Atelectasis": 0.17, "Effusion": 0.30, "Infiltration": 0.13,
+#: Peak attenuation change per finding at lesion_contrast = 1 (lung air is about -0.75). Calibrated
+#: so that a CNN trained on a few thousand 128 px films is neither near chance on the small lesions
+#: nor perfect on Effusion (see PhantomConfig).
+PEAK = {"Nodule": 0.46, "Mass": 0.44, "Atelectasis": 0.28, "Effusion": 0.17, "Infiltration": 0.27,
         "Pneumonia": 0.24, "Pneumothorax": -0.10}
 
 
@@ -102,7 +104,8 @@ def plan_lesion(finding: str, side: int, an: Anatomy, rng: np.random.Generator, 
                 break
         P.params["c"] = c
     elif finding == "Effusion":
-        P.params.update(h_e=rng.uniform(0.04, 0.10) * ss, c=rng.uniform(0.05, 0.09) * ss)
+        # fluid level above the dome: mostly small (blunted angle only), sometimes larger
+        P.params.update(h_e=(0.01 + 0.08 * rng.beta(1.2, 2.0)) * ss, c=rng.uniform(0.03, 0.08) * ss)
     elif finding == "Pneumothorax":
         P.params.update(f=1 - 0.1 * ss * rng.uniform(0.7, 1.3), v_cut=rng.uniform(0.2, 0.34))
     elif finding == "Infiltration":
