@@ -34,6 +34,12 @@ def test_explain_writes_maps_and_overlays_for_png_and_dicom(tmp_path, checkpoint
                 assert h.shape == (64, 64) and np.isfinite(h).all()
                 png_out = Image.open(tmp_path / f"{stem}_{label}_{method}.png")
                 assert png_out.size == (1024, 1024) and png_out.mode == "RGB"  # overlay on the original
+    # a rerun keeps what is there and computes nothing
+    before = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+    assert main(["explain", str(png), str(dcm), "--checkpoint", str(checkpoint), "--method", "lrp,rap,cam",
+                 "--target", "Cardiomegaly,Effusion", "--out", str(tmp_path), "--size", "64"]) == 0
+    assert "2 images already done" in capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == before
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -92,7 +92,7 @@ def save_explanation(image: LoadedImage, heatmap: torch.Tensor, out_dir: PathLik
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"{image.path.stem}_{_safe(label)}_{method}"
+    stem = output_stem(image.path, label, method)
     h = heatmap.detach().cpu().float().numpy()
     npy = out / f"{stem}.npy"
     np.save(npy, h)
@@ -101,6 +101,11 @@ def save_explanation(image: LoadedImage, heatmap: torch.Tensor, out_dir: PathLik
     png = out / f"{stem}.png"
     save_png(overlay(image.pixels, full, symmetric=symmetric, boxes=boxes), png)
     return npy, png
+
+
+def output_stem(path: Path, label: str, method: str) -> str:
+    """``<image stem>_<label>_<method>``: the file name of one saved explanation, without suffix."""
+    return f"{Path(path).stem}_{_safe(label)}_{method}"
 
 
 def _safe(text: str) -> str:

@@ -57,12 +57,16 @@ def _explain_command(args: argparse.Namespace) -> int:
     dtype = torch.float64 if args.dtype == "float64" else None
     names = model_labels(model)
     target = _parse_target(args.target)
-    written = []
+    written, skipped = [], 0
     for path in tqdm(args.images, desc="explaining", unit="image", disable=len(args.images) < 2):
+        todo = [m for m in methods if not _done(path, m, target, names, args.out)]
+        if not todo:  # a rerun resumes: outputs of finished images are kept, not recomputed
+            skipped += 1
+            continue
         (img,) = load_images([path], model, args.preprocessing, args.size)
         x = img.tensor.unsqueeze(0)
         per_image = [target] if isinstance(target, list) else target
-        for method in methods:
+        for method in todo:
             e = explain(model, x, method, target=per_image, dtype=dtype, layer=args.layer)
             if not bool(torch.isfinite(e.maps).all()):
                 raise CxrExplainError(f"{path}: {method} gave NaN/Inf values; try --dtype float64")
@@ -72,8 +76,28 @@ def _explain_command(args: argparse.Namespace) -> int:
                 label = names[t] if names and 0 <= t < len(names) else f"class{t}"
                 npy, png = save_explanation(img, h, args.out, method, label)
                 written.append(png)
-    print(f"wrote {len(written)} maps (.npy) and overlays (.png) to {Path(args.out).resolve()}")
+    note = f" ({skipped} images already done)" if skipped else ""
+    print(f"wrote {len(written)} maps (.npy) and overlays (.png) to {Path(args.out).resolve()}{note}")
     return 0
+
+
+def _done(path: str, method: str, target, names, out: str) -> bool:
+    """Whether ``explain`` already wrote this image's outputs for ``method`` (explicit targets only:
+    a 'predicted' target is known only after the forward)."""
+    from .api import output_stem
+
+    targets = target if isinstance(target, list) else [target]
+    if any(t == "predicted" for t in targets):
+        return False
+    labels = []
+    for t in targets:
+        if isinstance(t, int):
+            labels.append(names[t] if names and 0 <= t < len(names) else f"class{t}")
+        else:
+            match = [n for n in (names or []) if n.lower() == str(t).lower()]
+            labels.append(match[0] if match else str(t))
+    stems = [Path(out) / output_stem(Path(path), label, method) for label in labels]
+    return all(s.with_suffix(".npy").is_file() and s.with_suffix(".png").is_file() for s in stems)
 
 
 def _parse_target(text: str):
