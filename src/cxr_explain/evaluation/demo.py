@@ -1,9 +1,9 @@
 """``demo``: the whole pipeline on the built-in synthetic benchmark with the shipped model.
 
-Default (a few minutes on a 2-core CPU): the first 200 films of the benchmark the shipped model
+Default (a few minutes on a 2-core CPU): the first 1000 films of the benchmark the shipped model
 was trained on (seed, film size and size n from the model card stored in the asset, e.g. seed 0,
 128 px, n = 3000; films are deterministic per index, so they are the same films and the same
-patient split) are generated if absent; CAM, LRP and RAP are evaluated on the first 24 boxed
+patient split) are generated if absent; CAM, LRP and RAP are evaluated on the first 150 boxed
 images of its **test** split (patients the model never saw), the report is written and Table 2
 printed. ``full=True``: all n films, every boxed test image, plus the faithfulness checks.
 """
@@ -17,8 +17,8 @@ import torch.nn as nn
 
 from ..errors import CxrExplainError
 
-DEMO_N = 200
-DEMO_MAX_IMAGES = 24
+DEMO_N = 1000
+DEMO_MAX_IMAGES = 150
 FULL_N = 1000
 
 
