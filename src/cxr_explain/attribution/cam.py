@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import CxrExplainError
+from .gradients import per_target_gradients
 from .graph import ForwardRecord, LayerNode, TracedModel, record_forward
 
 Tensor = torch.Tensor
@@ -101,11 +102,7 @@ def gradcam(
         logits = record[traced.logits]
         targets = resolve(logits.detach())
         maps = []
-        k = targets.shape[1]
-        for j in range(k):
-            t = targets[:, j]
-            sel = (logits.gather(1, t.clamp(min=0).unsqueeze(1)).squeeze(1) * (t >= 0)).sum()
-            (g,) = torch.autograd.grad(sel, A, retain_graph=j < k - 1)
+        for _, g in per_target_gradients(logits, A, targets):
             if plusplus:
                 g2, g3 = g * g, g * g * g
                 sum_a = A.sum((2, 3), keepdim=True)

@@ -10,7 +10,7 @@ All return the per-channel input attribution of shape (K, B, C, H, W).
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Union
+from typing import Callable, Iterator, Optional, Union
 
 import torch
 
@@ -26,6 +26,16 @@ def _selected(logits: Tensor, targets_k: Tensor) -> Tensor:
     return (logits.gather(1, idx).squeeze(1) * valid).sum()
 
 
+def per_target_gradients(logits: Tensor, wrt: Tensor, targets: Tensor) -> Iterator[tuple[Tensor, Tensor]]:
+    """For each target column ``t`` of ``targets`` (B, K): ``(t, ∂ Σ_b y_{b, t_b} / ∂ wrt)``; images
+    whose target is padding (−1) contribute nothing. The graph is kept until the last target."""
+    k = targets.shape[1]
+    for j in range(k):
+        t = targets[:, j]
+        (g,) = torch.autograd.grad(_selected(logits, t), wrt, retain_graph=j < k - 1)
+        yield t, g
+
+
 def input_gradients(
     traced: TracedModel, x: Tensor, targets: Union[Tensor, Callable[[Tensor], Tensor]]
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -38,11 +48,7 @@ def input_gradients(
         logits = record[traced.logits]
         if callable(targets):
             targets = targets(logits.detach())
-        grads = []
-        k = targets.shape[1]
-        for j in range(k):
-            (g,) = torch.autograd.grad(_selected(logits, targets[:, j]), xg, retain_graph=j < k - 1)
-            grads.append(g)
+        grads = [g for _, g in per_target_gradients(logits, xg, targets)]
     return torch.stack(grads), logits.detach(), targets
 
 

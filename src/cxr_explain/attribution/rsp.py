@@ -20,6 +20,7 @@ from torch.nn.grad import conv2d_input, conv2d_weight
 
 from ..errors import CxrExplainError
 from . import rules as R
+from .gradients import per_target_gradients
 from .graph import LayerNode, TracedModel, record_forward
 from .methods import PropagationMethod
 
@@ -104,11 +105,7 @@ def rsp_start(traced: TracedModel, x: Tensor, targets: Tensor) -> tuple[LayerNod
         A = record[node]
         logits = record[traced.logits]
         starts = []
-        k = targets.shape[1]
-        for j in range(k):
-            t = targets[:, j]
-            sel = (logits.gather(1, t.clamp(min=0).unsqueeze(1)).squeeze(1) * (t >= 0)).sum()
-            (g,) = torch.autograd.grad(sel, A, retain_graph=j < k - 1)
+        for t, g in per_target_gradients(logits, A, targets):
             T = (A * g.mean((2, 3), keepdim=True)).detach()
             mx = T.flatten(1).max(1).values.view(-1, 1, 1, 1)
             starts.append(T / (mx + 1e-9) * (t >= 0).view(-1, 1, 1, 1))
