@@ -93,6 +93,15 @@ class PreprocessedDataset(torch.utils.data.Dataset):
         return x, torch.from_numpy(np.asarray(self.base[i].labels, dtype=np.float32)), i
 
 
+def image_size_wh(image_size) -> tuple:
+    """``(width, height)`` from an image size given as one int (square), a (w, h) pair or None."""
+    if image_size is None:
+        return None, None
+    if isinstance(image_size, int):
+        return image_size, image_size
+    return tuple(image_size)
+
+
 def patient_split(
     ids: Sequence[str],
     patients: Sequence[str],

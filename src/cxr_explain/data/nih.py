@@ -19,7 +19,7 @@ import pandas as pd
 from PIL import Image
 
 from ..errors import DataError
-from .folder import SampleDataset, patient_split, read_csv_table
+from .folder import SampleDataset, image_size_wh, patient_split, read_csv_table
 from .images import IMAGE_EXTENSIONS
 from .labels import (
     CHEXNET_FINDINGS,
@@ -136,12 +136,7 @@ def read_bbox_list(
     p = Path(csv_path)
     if not p.is_file():
         raise DataError(f"{p}: box list not found")
-    if isinstance(image_size, int):
-        size_w = size_h = image_size
-    elif image_size is None:
-        size_w = size_h = None
-    else:
-        size_w, size_h = image_size
+    size_w, size_h = image_size_wh(image_size)
     eps = 1e-3
     out: dict[str, list[Box]] = {}
     try:

@@ -16,7 +16,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 
 from ..errors import DataError
-from .folder import SampleDataset, _to_float, patient_split, read_csv_table
+from .folder import SampleDataset, _to_float, image_size_wh, patient_split, read_csv_table
 from .images import IMAGE_EXTENSIONS
 from .labels import RSNA_FINDINGS, check_labels
 from .nih import SPLITS, read_mask, read_masks_csv, read_split_csv
@@ -41,12 +41,7 @@ def read_rsna_labels(
     p = Path(csv_path)
     cols = ["patientId", "x", "y", "width", "height", "Target"]
     df = read_csv_table(p, required=cols)
-    if isinstance(image_size, int):
-        size_w = size_h = image_size
-    elif image_size is None:
-        size_w = size_h = None
-    else:
-        size_w, size_h = image_size
+    size_w, size_h = image_size_wh(image_size)
     targets: dict[str, int] = {}
     boxes: dict[str, list[Box]] = {}
     for k, rec in enumerate(zip(*(df[c] for c in cols))):
