@@ -93,9 +93,15 @@ def runner(name: str, model: nn.Module, arch: str, x: torch.Tensor) -> Optional[
                  "densenet121": lambda: model.features}[arch]()
         targets = [ClassifierOutputTarget(0)] * b
 
-        def pgc():
-            with GradCAM(model=model, target_layers=[layer]) as cam:
-                return cam(input_tensor=x, targets=targets)
+        def pgc():  # it backpropagates a loss, so it needs parameters that require grad
+            for p in model.parameters():
+                p.requires_grad_(True)
+            try:
+                with GradCAM(model=model, target_layers=[layer]) as cam:
+                    return cam(input_tensor=x, targets=targets)
+            finally:
+                for p in model.parameters():
+                    p.requires_grad_(False)
         return pgc
     raise ValueError(name)
 
