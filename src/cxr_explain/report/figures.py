@@ -139,10 +139,8 @@ def _rows_for(df: pd.DataFrame, key: pd.Series, method: str) -> pd.Series:
 
 
 # --------------------------------------------------------------------------- figures
-def methods_grid(results_dir: str | Path, out_path: str | Path, methods: Sequence[str] = ("cam", "lrp", "rap"),
-                 n: int = 4, how: str = "best", finding: Optional[str] = None, gt: str = "box",
-                 size: int = 224, seed: int = 0, df: Optional[pd.DataFrame] = None) -> list[Path]:
-    """Fig. 3: rows of X-ray | CAM | LRP | RAP (``methods``) with the box in red; PNG + PDF."""
+def _selection(results_dir, df, methods, n, how, finding, gt, seed):
+    """(folder, results, evaluated methods, selected regions, map store) for a figure, or an error."""
     d = Path(results_dir)
     df = read_results(d / RESULTS_NAME) if df is None else df
     methods = [m for m in methods if m in set(df["method"])]
@@ -151,7 +149,14 @@ def methods_grid(results_dir: str | Path, out_path: str | Path, methods: Sequenc
     sel = select_regions(df, methods, n, how, finding, gt, seed=seed)
     if not len(sel):
         raise CxrExplainError(f"{d}: no {gt} regions{' of ' + finding if finding else ''} to draw")
-    store = MapStore(d)
+    return d, df, methods, sel, MapStore(d)
+
+
+def methods_grid(results_dir: str | Path, out_path: str | Path, methods: Sequence[str] = ("cam", "lrp", "rap"),
+                 n: int = 4, how: str = "best", finding: Optional[str] = None, gt: str = "box",
+                 size: int = 224, seed: int = 0, df: Optional[pd.DataFrame] = None) -> list[Path]:
+    """Fig. 3: rows of X-ray | CAM | LRP | RAP (``methods``) with the box in red; PNG + PDF."""
+    d, df, methods, sel, store = _selection(results_dir, df, methods, n, how, finding, gt, seed)
     ts = thresholds_of(df)
     col = iou_column(ts[len(ts) // 2])
     rows, titles = [], []
@@ -167,15 +172,7 @@ def tuples_figure(results_dir: str | Path, out_path: str | Path, methods: Sequen
                   n: int = 4, per_row: int = 2, how: str = "random", finding: Optional[str] = None,
                   gt: str = "box", size: int = 224, seed: int = 0, df: Optional[pd.DataFrame] = None) -> list[Path]:
     """Figs. 5/6: image | LRP | RAP tuples, ``per_row`` tuples side by side; PNG + PDF."""
-    d = Path(results_dir)
-    df = read_results(d / RESULTS_NAME) if df is None else df
-    methods = [m for m in methods if m in set(df["method"])]
-    if not methods:
-        raise CxrExplainError(f"{d}: none of the requested methods were evaluated")
-    sel = select_regions(df, methods, n, how, finding, gt, seed=seed)
-    if not len(sel):
-        raise CxrExplainError(f"{d}: no {gt} regions{' of ' + finding if finding else ''} to draw")
-    store = MapStore(d)
+    d, df, methods, sel, store = _selection(results_dir, df, methods, n, how, finding, gt, seed)
     tuples = []
     for _, key in sel.iterrows():
         first = _rows_for(df, key, methods[0])
