@@ -288,8 +288,21 @@ class LinearMap:
         """``Wᵀ s`` (the vector–Jacobian product of the bias-free map); ``s`` is (N, *out_shape)."""
         m = self.module
         if self.is_conv:
+            if self._as_forward_conv(in_shape, s):
+                # stride 1: Wᵀs is a plain convolution with the flipped, transposed kernel (a faster
+                # kernel on CPU than convolution_backward; same sums)
+                k = m.kernel_size
+                wt = w.transpose(0, 1).flip(-1, -2)
+                return F.conv2d(s, wt, None, 1, (k[0] - 1 - m.padding[0], k[1] - 1 - m.padding[1]))
             return conv2d_input((s.shape[0], *in_shape), w, s, m.stride, m.padding, m.dilation, m.groups)
         return s @ w
+
+    def _as_forward_conv(self, in_shape, s) -> bool:
+        m = self.module
+        return (tuple(m.stride) == (1, 1) and tuple(m.dilation) == (1, 1) and m.groups == 1
+                and isinstance(m.padding, tuple) and all(k - 1 - p >= 0 for k, p in zip(m.kernel_size, m.padding))
+                and tuple(s.shape[-2:]) == (in_shape[-2] + 2 * m.padding[0] - m.kernel_size[0] + 1,
+                                            in_shape[-1] + 2 * m.padding[1] - m.kernel_size[1] + 1))
 
     def bias_shape(self, out: Tensor) -> Optional[Tensor]:
         """The bias broadcast to an output tensor's layout (B, C, …)."""
