@@ -99,3 +99,19 @@ def test_shortcut_model_moves_relevance_onto_the_cue(models, eval_set, tmp_path)
     assert "Protocol: specs/evaluation.md §6" in md and "| LRP | pneumonia |" in md
     summ = pd.read_csv(tmp_path / "tables" / "intention.csv")
     assert set(summ["class"]) == {"pneumonia", "normal"} and (summ["n"] > 0).all()
+
+
+def test_split_and_max_images_select_the_images(models, tmp_path):
+    _, plain = models
+    generate(tmp_path, 16, seed=3, size=SIZE, config=_config((0.5, 0.0, 0.5)), shortcut="marker", workers=1,
+             progress=False)
+    ds = NIHDataset(tmp_path, findings=("Pneumonia",))
+    split = pd.read_csv(tmp_path / "split.csv")
+    test_ids = set(split.loc[split.iloc[:, 1] == "test", split.columns[0]])
+    assert 0 < len(test_ids) < 16
+    df = intention_analysis(plain, ds, ["lrp"], split="test")
+    assert set(df["image_id"]) == test_ids
+    first = intention_analysis(plain, ds, ["lrp"], split="test", max_images=2)
+    assert list(first["image_id"]) == list(df["image_id"][:2])
+    with pytest.raises(Exception, match="split 'val'"):
+        intention_analysis(plain, ds, ["lrp"], split="val")

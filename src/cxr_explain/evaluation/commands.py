@@ -122,7 +122,8 @@ def evaluate_cli(args) -> Path:
         from .intention import intention_analysis
 
         intention_analysis(model, ds, methods=args.methods, finding=args.intention, out_dir=out,
-                           batch_size=args.batch_size, device=args.device, progress=not args.no_progress)
+                           batch_size=args.batch_size, device=args.device, progress=not args.no_progress,
+                           split=args.split, max_images=args.max_images)
         if not no_report:
             from ..report.html import write_report
 

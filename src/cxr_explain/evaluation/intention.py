@@ -87,13 +87,15 @@ def intention_analysis(
     cues: Optional[Mapping[str, Path]] = None,
     max_images: Optional[int] = None,
     progress: bool = False,
+    split: Optional[str] = None,
 ) -> pd.DataFrame:
     """Relevance shares per image and method for the logit of ``finding``; one row per (image,
     method) with ``image_id, class, method, logit, prob, inside_lesion, lung_outside_lesion,
     outside_lungs, on_cue``. ``lungs`` / ``cues`` map image ids to mask files (default: the
-    dataset root's ``lungs.csv`` / ``cues.csv``). With ``out_dir``, writes ``intention.csv`` and
-    ``tables/intention.{md,csv,json}`` there."""
-    from .runner import _model_index, _resolve_device
+    dataset root's ``lungs.csv`` / ``cues.csv``). ``split`` keeps the images of that split (the
+    dataset's split file), ``max_images`` the first N of them. With ``out_dir``, writes
+    ``intention.csv`` and ``tables/intention.{md,csv,json}`` there."""
+    from .runner import _model_index, _resolve_device, image_splits
 
     spec = getattr(model, "cxr_spec", None)
     if spec is None:
@@ -111,7 +113,17 @@ def intention_analysis(
     pre = get_preprocessing(spec.preprocessing, spec.input_size)
     dev = _resolve_device(device)
     model = model.to(dev).eval()
-    n = len(dataset) if max_images is None else min(len(dataset), max_images)
+    order = list(range(len(dataset)))
+    if split is not None:
+        splits = image_splits(dataset)
+        if not splits:
+            raise CxrExplainError(f"split={split!r} requested but {type(dataset).__name__} has no split file")
+        order = [i for i in order if splits.get(dataset.samples[i].image_id) == split]
+        if not order:
+            raise CxrExplainError(f"the dataset has no image of split {split!r}; choose another split")
+    if max_images is not None:
+        order = order[:max_images]
+    n = len(order)
     rows = []
     bar = None
     if progress:
@@ -119,7 +131,7 @@ def intention_analysis(
 
         bar = tqdm(total=n, unit="img", desc="intention")
     for start in range(0, n, batch_size):
-        idx = list(range(start, min(n, start + batch_size)))
+        idx = order[start:start + batch_size]
         xs, metas = [], []
         for i in idx:
             s = dataset[i]
