@@ -317,3 +317,48 @@ def test_rap_batch_and_targets_equal_single_calls(models64):
     for i, j, t in [(0, 1, 3), (1, 0, 5)]:  # a second target of one image, a first of the other
         single = explain(model, x[i:i + 1], "rap", target=t)
         torch.testing.assert_close(both.maps[i, j], single.maps[0], rtol=1e-9, atol=1e-12)
+
+
+def _densenet_with_bias_only_activations() -> tuple[nn.Module, torch.Tensor]:
+    """DenseNet-121 (64 px, float64) and an image with a flat left half, arranged as in a trained
+    model: denselayer1's norm1 maps the flat region below 0 in every channel, so its 1×1 conv outputs
+    exactly 0 there, and norm2's positive bias turns those zeros into active, relevant units."""
+    import torchvision
+
+    torch.manual_seed(0)
+    m = torchvision.models.densenet121(num_classes=3).to(F64).eval()
+    x = torch.randn(1, 3, 64, 64, dtype=F64)
+    x[..., :32] = 0.3
+    f = m.features
+    with torch.no_grad():
+        p0 = f.pool0(f.relu0(f.norm0(f.conv0(x))))
+    flat = p0[0, :, 3:13, 2:6]  # interior of the flat half at pool0 (16×16)
+    assert torch.allclose(flat, flat[:, :1, :1].expand_as(flat))
+    layer = f.denseblock1.denselayer1
+    with torch.no_grad():
+        layer.norm1.running_mean.copy_(flat[:, 0, 0])
+        layer.norm1.running_var.fill_(1 - layer.norm1.eps)
+        layer.norm1.bias.fill_(-1e-3)
+        layer.norm2.bias.fill_(0.5)
+        zero = f.denseblock1.denselayer1.conv1(f.denseblock1.denselayer1.relu1(layer.norm1(p0)))
+    assert (zero[0, :, 3:13, 2:6] == 0).all() and (zero != 0).any()
+    return m, x
+
+
+def test_rap_conserves_on_densenet_with_bias_only_activations(monkeypatch):
+    """rap.md §2.11 (BN identity in DenseNet): Σ map = logit even where a dense layer's conv outputs
+    exactly 0; the authors' BN mask (§2.7) would drop that relevance, as it did on a trained model."""
+    import warnings
+
+    from cxr_explain.attribution import methods
+
+    m, x = _densenet_with_bias_only_activations()
+    for t in range(3):
+        e = explain(m, x, method="rap", target=t)
+        assert abs(float(e.maps.sum()) - float(e.explained[0])) < 1e-8 * max(1.0, abs(float(e.explained[0])))
+    monkeypatch.setattr(methods, "_rap_densenet_rules", lambda traced: {})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        masked = [explain(m, x, method="rap", target=t) for t in range(3)]
+    lost = max(abs(float(e.maps.sum()) - float(e.explained[0])) / abs(float(e.explained[0])) for e in masked)
+    assert lost > 1e-3 and any("norm" in str(w.message) for w in caught)

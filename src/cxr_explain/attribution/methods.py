@@ -6,6 +6,7 @@ Adding a method is a few lines: name the rules per layer kind. The gradient-base
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Optional, Union
@@ -32,9 +33,16 @@ class PropagationMethod:
     start: str = "logit"
     conserving: bool = True
     supports: Optional[Callable[["object"], Optional[str]]] = None  # traced -> error text or None
+    graph_rules: Optional[Callable[["object"], Mapping[RuleKey, R.Rule]]] = None  # traced -> rule overrides
 
     def rule_for(self, node: LayerNode) -> Optional[R.Rule]:
         return self.rules.get((node.kind, node.role)) or self.rules.get(node.kind)
+
+    def for_graph(self, traced) -> "PropagationMethod":
+        """This method with the rule overrides ``graph_rules`` picks for one traced model (e.g. RAP's
+        DenseNet extension); the method itself when it has none."""
+        extra = self.graph_rules(traced) if self.graph_rules is not None else None
+        return dataclasses.replace(self, rules={**self.rules, **extra}) if extra else self
 
 
 def _structural(**overrides: R.Rule) -> dict[RuleKey, R.Rule]:
@@ -102,13 +110,24 @@ def lrp_alpha_beta(alpha: float = 2.0, beta: float = 1.0) -> PropagationMethod:
 def rap() -> PropagationMethod:
     """RAP as the authors' code computes it (rap.md §2): first step with absolute influence
     normalisation at the head, relative-influence hidden rule with the uniform shift, zᴮ (safe
-    division) on the first layer, BatchNorm masked pass-through, pools and ``+`` proportional."""
+    division) on the first layer, BatchNorm masked pass-through (plain pass-through in DenseNet,
+    see :func:`_rap_densenet_rules`), pools and ``+`` proportional."""
     rules = _structural(conv=R.RapHidden(), linear=R.RapHidden(), batchnorm=R.MaskedPass())
     rules[("linear", "head")] = R.RapFirstStep()
     rules[("conv", "first")] = R.zbox("safe")
     rules[("linear", "first")] = R.zbox("safe")
     return PropagationMethod("rap", "Relative Attributing Propagation (Nam et al. 2020), reference rules",
-                             rules, start="one", supports=_rap_supports)
+                             rules, start="one", supports=_rap_supports, graph_rules=_rap_densenet_rules)
+
+
+def _rap_densenet_rules(traced) -> dict[RuleKey, R.Rule]:
+    """RAP's DenseNet extension (rap.md §2.11: "norm/BN is identity"): BatchNorm is a plain pass-through
+    in a graph with concatenations. The authors' mask ``R ⊙ [x ≠ 0]`` (§2.7) is not "practically always
+    1" there: in a trained DenseNet-121 a dense layer's 1×1 conv can output exactly 0 where all its
+    inputs are 0, norm2 turns that into a bias-only activation, and the mask drops its relevance
+    (Σ map was 8× the logit on a trained model). Passed through, it reaches the conv's hidden rule,
+    whose uniform shift conserves it."""
+    return {"batchnorm": R.Pass()} if any(n.kind == "cat" for n in traced.nodes) else {}
 
 
 def rap_noshift() -> PropagationMethod:
@@ -117,7 +136,7 @@ def rap_noshift() -> PropagationMethod:
     rules["conv"] = R.RapHidden(shift=False)
     rules["linear"] = R.RapHidden(shift=False)
     return PropagationMethod("rap-noshift", "RAP without the uniform shift (ours; not conserving)", rules,
-                             start="one", conserving=False, supports=_rap_supports)
+                             start="one", conserving=False, supports=_rap_supports, graph_rules=_rap_densenet_rules)
 
 
 def _rap_supports(traced) -> Optional[str]:
