@@ -101,3 +101,21 @@ def test_integrated_gradients_completeness_on_a_smooth_model():
         delta = float(model(x)[0, 1] - model(torch.zeros_like(x))[0, 1])
     # Σ IG = f(x) − f(baseline) up to the midpoint rule's O(1/steps²) error
     assert abs(float(e.maps.sum()) - delta) < 1e-3 * max(1.0, abs(delta))
+
+
+def test_explaining_on_cuda_turns_tf32_off_and_restores_it():
+    """TF32 (10 mantissa bits) distorts relevance ratios; explain() disables it for its own work only."""
+    from cxr_explain.attribution.explain import full_fp32
+
+    flags = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    try:
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+        with pytest.raises(RuntimeError, match="inside"):
+            with full_fp32(torch.device("cuda", 0)):
+                assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+                raise RuntimeError("inside")
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+        with full_fp32(torch.device("cpu")):
+            assert torch.backends.cudnn.allow_tf32  # CPU work leaves the flags alone
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags

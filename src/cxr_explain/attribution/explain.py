@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import copy
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Optional, Sequence, Union
+from typing import Iterator, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -145,6 +146,23 @@ def _model_in(model: nn.Module, dtype: Optional[torch.dtype]) -> nn.Module:
     return copy.deepcopy(model).to(dtype)
 
 
+@contextmanager
+def full_fp32(device: torch.device) -> Iterator[None]:
+    """Turn TF32 off for cuDNN convolutions and CUDA matrix products while explaining on a GPU, and
+    restore the user's settings afterwards. TF32 keeps 10 mantissa bits; relevance ratios amplify
+    that: on an H100 with TF32 on, float32 LRP maps of a trained DenseNet-121 differed from the CPU's
+    by 85 % of max|map| (plain gradients by 1 %), where CPU float32 stays within 5 % of float64."""
+    if device.type != "cuda":
+        yield
+        return
+    old = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
 def explain(
     model: nn.Module,
     images: Tensor,
@@ -179,7 +197,7 @@ def explain(
                   dtype=dtype or (p.dtype if p is not None else images.dtype))
     if not torch.isfinite(x).all():
         raise CxrExplainError("the input images contain NaN or Inf values; check the preprocessing")
-    with _EvalMode(net):
+    with _EvalMode(net), full_fp32(x.device):
         traced = trace(net)
         if name in PROPAGATION_METHODS:
             keep = frozenset(traced.find(k).name for k in keep_relevance)
@@ -219,7 +237,7 @@ def _finish(name, maps_kb, logits, targets, per_image, **extra) -> Explanation:
 
 
 def _explain_propagation(traced: TracedModel, x, name, target, labels, options, check, keep) -> Explanation:
-    method = get_propagation_method(name, **options)
+    method = get_propagation_method(name, **options).for_graph(traced)
     traced.check_supported(lambda n: method.rule_for(n) is not None, name)
     if method.supports is not None:
         problem = method.supports(traced)
