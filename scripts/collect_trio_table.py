@@ -1,6 +1,6 @@
 """Collect the pneumonia trio's results (``scripts/train_pneumonia_trio.sh``) into one Table 1.
 
-Reads every ``WORK/pneu_<arch>_<data>/`` folder: ``test/table1.csv`` (test AUROC with bootstrap
+Reads every ``WORK/pneu_<arch>_<data>/`` folder: ``test_split/table1.csv`` (test AUROC with bootstrap
 95 % CI), ``train_split/table1.csv`` (train-split AUROC: how well the model fits the data it saw, the
 tell-tale of a shortcut) and ``history.jsonl`` (best epoch, its validation AUROC, training time).
 Prints a Markdown table and writes it to ``--out``.
@@ -39,7 +39,7 @@ def collect(work: Path) -> str:
         hist = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines() if line.strip()] \
             if (run / "history.jsonl").is_file() else []
         best = max(hist, key=lambda r: r.get("mean_val_auroc") or -1.0) if hist else None
-        test, train = _auroc_row(run / "test" / "table1.csv"), _auroc_row(run / "train_split" / "table1.csv")
+        test, train = _auroc_row(run / "test_split" / "table1.csv"), _auroc_row(run / "train_split" / "table1.csv")
         rows.append({
             "order": (ARCH_ORDER.index(arch), data.endswith("_marker")),
             "model": ARCH_NAMES[arch],

@@ -2,7 +2,7 @@
 # The paper's binary pneumonia trio (VGG-16, ResNet-50, DenseNet-121) on the RSNA-layout synthetic
 # benchmark, each trained twice: on clean data and on data with the planted "marker" shortcut
 # (train split: marker on 90 % of pneumonia films, 10 % of the others; val/test: 30 % whatever the label).
-# Writes per model: best.pt, history.jsonl, test/table1.{md,csv}; then table1_trio.md (all six) and,
+# Writes per model: best.pt, history.jsonl, {test,train}_split/table1.{md,csv}; then table1_trio.md (all six) and,
 # for the DenseNet pair, the "inconsistency of intention" analysis on the marker test split.
 #
 # Every step resumes: a finished dataset / model / table is skipped, an interrupted training continues
@@ -39,18 +39,23 @@ for arch in $ARCHS; do
     run="$WORK/pneu_${arch}_${d}"
     note=""; [ "$d" = "$marker" ] && note="marker shortcut: p_pos 0.9 / p_neg 0.1 in train, 0.3 in val/test"
     resume=""; [ -f "$run/last.pt" ] && resume="--resume"
+    # one failed model (diverged, out of memory) must not stop the others: report it and go on
     if [ ! -f "$run/done" ]; then
-      "$PY" -m cxr_explain.training train --data "$WORK/$d" --layout rsna --arch "$arch" --epochs "$EPOCHS" \
+      if "$PY" -m cxr_explain.training train --data "$WORK/$d" --layout rsna --arch "$arch" --epochs "$EPOCHS" \
           --size "$SIZE" --batch-size "$BATCH" --lr "$lr" --workers "$WORKERS" --device "$DEVICE" \
-          --threads "$THREADS" --seed 0 --no-progress --shortcut-note "$note" --out "$run" $resume
-      touch "$run/done"
+          --threads "$THREADS" --seed 0 --no-progress --shortcut-note "$note" --out "$run" $resume; then
+        touch "$run/done"
+      else
+        echo "FAILED: training $run (rerun this script to resume it)" >&2; continue
+      fi
     fi
-    [ -f "$run/test/table1.csv" ] || "$PY" -m cxr_explain.training auroc --data "$WORK/$d" \
-        --checkpoint "$run/best.pt" --split test --n-boot 1000 --device "$DEVICE" --workers "$WORKERS" \
-        --threads "$THREADS" --out "$run/test"
-    [ -f "$run/train_split/table1.csv" ] || "$PY" -m cxr_explain.training auroc --data "$WORK/$d" \
-        --checkpoint "$run/best.pt" --split train --n-boot 0 --device "$DEVICE" --workers "$WORKERS" \
-        --threads "$THREADS" --out "$run/train_split"
+    for split in test train; do
+      n_boot=1000; [ "$split" = train ] && n_boot=0
+      [ -f "$run/${split}_split/table1.csv" ] || "$PY" -m cxr_explain.training auroc --data "$WORK/$d" \
+          --checkpoint "$run/best.pt" --split "$split" --n-boot "$n_boot" --device "$DEVICE" \
+          --workers "$WORKERS" --threads "$THREADS" --out "$run/${split}_split" \
+        || echo "FAILED: $split AUROC of $run" >&2
+    done
   done
 done
 "$PY" scripts/collect_trio_table.py "$WORK" --out "$WORK/table1_trio.md"
@@ -59,7 +64,9 @@ done
 for d in "$clean" "$marker"; do
   run="$WORK/pneu_densenet121_${d}"
   [ -f "$run/best.pt" ] || continue
+  [ -f "$run/intention_on_marker_test/tables/intention.md" ] && continue
   "$PY" -m cxr_explain.cli evaluate --data "$WORK/$marker" --checkpoint "$run/best.pt" \
       --methods cam lrp rap --split test --max-images "$INTENTION_IMAGES" --intention Pneumonia \
-      --device "$DEVICE" --workers "$WORKERS" --no-progress --out "$run/intention_on_marker_test"
+      --device "$DEVICE" --workers "$WORKERS" --no-progress --out "$run/intention_on_marker_test" \
+    || echo "FAILED: intention analysis of $run" >&2
 done
