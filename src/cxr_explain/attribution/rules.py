@@ -297,6 +297,16 @@ class LinearMap:
             return conv2d_input((s.shape[0], *in_shape), w, s, m.stride, m.padding, m.dilation, m.groups)
         return s @ w
 
+    def transpose_many(self, s: Tensor, ws: Sequence[Tensor], in_shape: Sequence[int]) -> list[Tensor]:
+        """``[W₁ᵀ s, W₂ᵀ s, …]``; for a convolution in one call with the kernels stacked along the input
+        channels (zᴮ's two maps at a stride-2 stem cost one: the kernel's time hardly depends on the
+        few output channels)."""
+        if len(ws) == 1 or not self.is_conv:
+            return [self.transpose(s, w, in_shape) for w in ws]
+        c = in_shape[0]
+        both = self.transpose(s, torch.cat(list(ws), 1), (c * len(ws), *in_shape[1:]))
+        return list(both.split(c, 1))
+
     def _as_forward_conv(self, in_shape, s) -> bool:
         m = self.module
         return (tuple(m.stride) == (1, 1) and tuple(m.dilation) == (1, 1) and m.groups == 1
@@ -333,6 +343,21 @@ def _weights(step: Step, lm: LinearMap, mod: str) -> Tensor:
     }[mod]()
     step.cache[key] = (stamp, w)
     return w
+
+
+def _ones_response(step: Step, lm: LinearMap, mod: str, in_shape: Sequence[int]) -> Tensor:
+    """``g(W)`` applied to an all-ones input of ``in_shape`` (zero padding included), shape
+    (1, *out): with it a per-sample constant input costs no convolution (zᴮ's l and h, the flat
+    rule). Cached like :func:`_weights`."""
+    W = lm.weight.detach()
+    key = (step.node.name, mod, "ones-response", tuple(in_shape))
+    stamp = (lm.weight._version, W.data_ptr(), W.dtype, W.device)
+    hit = step.cache.get(key)
+    if hit is not None and hit[0] == stamp:
+        return hit[1]
+    out = lm.forward(torch.ones((1, *in_shape), dtype=W.dtype, device=W.device), _weights(step, lm, mod))
+    step.cache[key] = (stamp, out)
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -378,10 +403,14 @@ class ZRule(Rule):
     def __repr__(self):
         return f"ZRule({self.name}, stabilizer={self.stabilizer}, eps={self.epsilon}, bias={self.use_bias})"
 
-    def _inputs(self, step: Step, x: Tensor) -> dict[str, Tensor]:
+    def _inputs(self, step: Step, x: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """The modified inputs, and for the constant ones (``ones``, ``low``, ``high``) their
+        per-sample value as a (B, 1, …) tensor."""
         mods = {t.input_mod for t in self.terms}
         out: dict[str, Tensor] = {}
+        const: dict[str, Tensor] = {}
         nonneg = step.x_nonnegative
+        shape = (x.shape[0],) + (1,) * (x.dim() - 1)
         if "id" in mods:
             out["id"] = x
         if "pos" in mods:
@@ -389,22 +418,25 @@ class ZRule(Rule):
         if "neg" in mods and not nonneg and bool((x < 0).any()):
             out["neg"] = x.clamp(max=0)
         if "ones" in mods:
-            out["ones"] = torch.ones_like(x)
+            const["ones"] = torch.ones(shape, dtype=x.dtype, device=x.device)
         if "low" in mods or "high" in mods:
             flat = x.reshape(x.shape[0], -1)
-            shape = (x.shape[0],) + (1,) * (x.dim() - 1)
-            out["low"] = flat.min(1).values.view(shape).expand_as(x)
-            out["high"] = flat.max(1).values.view(shape).expand_as(x)
-        return out
+            const["low"] = flat.min(1).values.view(shape)
+            const["high"] = flat.max(1).values.view(shape)
+        out.update({k: v.expand_as(x) for k, v in const.items()})
+        return out, const
 
     def backward(self, step, R):
         lm = LinearMap(step.node.module, step.node)
         x = step.x
-        ins = self._inputs(step, x)
+        ins, const = self._inputs(step, x)
         terms = [t for t in self.terms if t.input_mod in ins]
         z = None
         for t in terms:
-            zt = lm.forward(ins[t.input_mod], _weights(step, lm, t.param_mod))
+            if t.input_mod in const:  # c·1 through a linear map = c · (its response to ones), cached
+                zt = const[t.input_mod] * _ones_response(step, lm, t.param_mod, x.shape[1:])
+            else:
+                zt = lm.forward(ins[t.input_mod], _weights(step, lm, t.param_mod))
             z = t.coef * zt if z is None else z + t.coef * zt
         if self.use_bias and lm.bias is not None:
             z = z + lm.bias_shape(z).detach()
@@ -418,11 +450,18 @@ class ZRule(Rule):
             raise ValueError(f"unknown stabilizer {self.stabilizer!r}")
         k = R.shape[0]
         s2 = merge_kb(s)
+        factors: dict[str, Tensor] = {}
+        for t in terms:  # Σ over terms sharing a weight modifier: one transposed map each
+            f = t.coef * ins[t.input_mod]
+            factors[t.param_mod] = f if t.param_mod not in factors else factors[t.param_mod] + f
+        if {"id", "pos", "neg"} <= factors.keys():  # zᴮ: Wᵀs = W⁺ᵀs + W⁻ᵀs saves one map
+            f_id = factors.pop("id")
+            factors["pos"] = factors["pos"] + f_id
+            factors["neg"] = factors["neg"] + f_id
+        backs = lm.transpose_many(s2, [_weights(step, lm, pm) for pm in factors], x.shape[1:])
         result = None
-        for pm in dict.fromkeys(t.param_mod for t in terms):  # one transposed map per weight modifier
-            back = split_kb(lm.transpose(s2, _weights(step, lm, pm), x.shape[1:]), k)
-            factor = sum(t.coef * ins[t.input_mod] for t in terms if t.param_mod == pm)
-            contrib = factor * back
+        for factor, back in zip(factors.values(), backs):
+            contrib = factor * split_kb(back, k)
             result = contrib if result is None else result + contrib
         return [result]
 
