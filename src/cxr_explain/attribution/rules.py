@@ -321,43 +321,44 @@ class LinearMap:
         return self.bias.view(1, -1, *([1] * (out.dim() - 2)))
 
 
-def _weights(step: Step, lm: LinearMap, mod: str) -> Tensor:
-    """Modified weights: ``id``, ``pos`` (W⁺), ``neg`` (W⁻), ``negabs`` (|W⁻|), ``abs``, ``ones``,
-    ``square``. Cached across calls (VGG's first dense layer has 100M weights: clamping it on every
-    call would cost more than the layer) and recomputed when the weight changes (its version
-    counter, storage or dtype)."""
+def _cached(step: Step, lm: LinearMap, key: tuple, make: Callable[[Tensor], Tensor]) -> Tensor:
+    """``make(W)`` kept with the traced model across calls and recomputed when the weight changes
+    (its version counter, storage, dtype or device)."""
     W = lm.weight.detach()
-    key = (step.node.name, mod)
     stamp = (lm.weight._version, W.data_ptr(), W.dtype, W.device)
     hit = step.cache.get(key)
     if hit is not None and hit[0] == stamp:
         return hit[1]
-    w = {
-        "id": lambda: W,
-        "pos": lambda: W.clamp(min=0),
-        "neg": lambda: W.clamp(max=0),
-        "abs": lambda: W.abs(),
-        "negabs": lambda: (-W).clamp(min=0),
-        "ones": lambda: torch.ones_like(W),
-        "square": lambda: W * W,
-    }[mod]()
-    step.cache[key] = (stamp, w)
-    return w
+    out = make(W)
+    step.cache[key] = (stamp, out)
+    return out
+
+
+_WEIGHT_MODS: dict[str, Callable[[Tensor], Tensor]] = {
+    "id": lambda W: W,
+    "pos": lambda W: W.clamp(min=0),
+    "neg": lambda W: W.clamp(max=0),
+    "abs": lambda W: W.abs(),
+    "negabs": lambda W: (-W).clamp(min=0),
+    "ones": lambda W: torch.ones_like(W),
+    "square": lambda W: W * W,
+}
+
+
+def _weights(step: Step, lm: LinearMap, mod: str) -> Tensor:
+    """Modified weights: ``id``, ``pos`` (W⁺), ``neg`` (W⁻), ``negabs`` (|W⁻|), ``abs``, ``ones``,
+    ``square``. Cached (VGG's first dense layer has 100M weights: clamping it on every call would
+    cost more than the layer)."""
+    return _cached(step, lm, (step.node.name, mod), _WEIGHT_MODS[mod])
 
 
 def _ones_response(step: Step, lm: LinearMap, mod: str, in_shape: Sequence[int]) -> Tensor:
     """``g(W)`` applied to an all-ones input of ``in_shape`` (zero padding included), shape
     (1, *out): with it a per-sample constant input costs no convolution (zᴮ's l and h, the flat
     rule). Cached like :func:`_weights`."""
-    W = lm.weight.detach()
-    key = (step.node.name, mod, "ones-response", tuple(in_shape))
-    stamp = (lm.weight._version, W.data_ptr(), W.dtype, W.device)
-    hit = step.cache.get(key)
-    if hit is not None and hit[0] == stamp:
-        return hit[1]
-    out = lm.forward(torch.ones((1, *in_shape), dtype=W.dtype, device=W.device), _weights(step, lm, mod))
-    step.cache[key] = (stamp, out)
-    return out
+    return _cached(step, lm, (step.node.name, mod, "ones-response", tuple(in_shape)),
+                   lambda W: lm.forward(torch.ones((1, *in_shape), dtype=W.dtype, device=W.device),
+                                        _weights(step, lm, mod)))
 
 
 # --------------------------------------------------------------------------------------------
