@@ -14,6 +14,7 @@ from zennit.rules import AlphaBeta, ZBox
 from zennit.torchvision import ResNetBottleneckCanonizer
 from zennit.types import Convolution
 
+from cxr_explain.attribution.graph import clear_trace_caches
 from cxr_explain.attribution import explain
 from cxr_explain.errors import CxrExplainError, UnsupportedOpError
 
@@ -37,6 +38,7 @@ def test_lrp_conserves_the_logit_in_float64(models64, arch):
 
 def _zennit_lrp(model: nn.Module, x: torch.Tensor, target: int) -> torch.Tensor:
     """zennit's composite matched to the authors' LRP (specs/rap.md §8), batch of one."""
+    clear_trace_caches()  # our cached W⁺ copies are not needed while zennit makes its own
     rule = AlphaBeta(1.0, 0.0, stabilizer=1e-13, zero_params=["bias"])
     composite = SpecialFirstLayerMapComposite(
         layer_map=layer_map_base(1e-13) + [(Convolution, rule), (nn.Linear, rule)],

@@ -135,7 +135,9 @@ class TracedModel:
     """A model traced once into annotated nodes (topological order)."""
 
     def __init__(self, model: nn.Module):
-        self.model = model
+        # No strong reference to ``model``: the trace cache is keyed weakly on it, and a value that
+        # held its key would keep every traced model (and its cached modified weights) alive forever.
+        self.model_name = type(model).__name__
         try:
             self.graph_module = fx.symbolic_trace(model)
         except Exception as exc:  # torch.fx raises many types; report one line
@@ -197,7 +199,7 @@ class TracedModel:
         out_args = self.output.inputs
         if len(out_args) != 1:
             raise CxrExplainError(
-                f"{type(self.model).__name__} returns {len(out_args)} tensors; cxr-explain explains "
+                f"{self.model_name} returns {len(out_args)} tensors; cxr-explain explains "
                 "models that return one logits tensor"
             )
         node = out_args[0]
@@ -294,7 +296,7 @@ class TracedModel:
         candidates = sorted({n.module_path for n in self.nodes if n.module_path} | set(self.by_name))
         close = difflib.get_close_matches(layer, candidates, n=3, cutoff=0.5)
         hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-        raise CxrExplainError(f"no layer named {layer!r} in {type(self.model).__name__}{hint}")
+        raise CxrExplainError(f"no layer named {layer!r} in {self.model_name}{hint}")
 
     def check_supported(self, has_rule: Callable[[LayerNode], bool], method: str) -> None:
         """Raise :class:`UnsupportedOpError` naming the first relevant node without a rule."""
@@ -320,6 +322,13 @@ def trace(model: nn.Module) -> TracedModel:
         traced = TracedModel(model)
         _TRACE_CACHE[model] = traced
     return traced
+
+
+def clear_trace_caches() -> None:
+    """Drop the modified weights (W⁺, |W⁻| …) every traced model keeps between calls; the traces stay.
+    They are rebuilt on the next call; a notebook explaining a VGG-16 in float64 frees ~1 GB a copy."""
+    for traced in list(_TRACE_CACHE.values()):
+        traced.__dict__.get("weight_cache", {}).clear()
 
 
 def _flat_node_args(node: fx.Node) -> list[fx.Node]:
