@@ -17,6 +17,9 @@ __all__ = [
     "parse_finding_labels",
     "canonical_box_label",
     "check_labels",
+    "LABEL_ALIASES",
+    "find_label",
+    "label_index",
 ]
 
 #: The 14 ChestX-ray14 findings in CheXNet / arnoweng / jrzech output order (exact spellings).
@@ -69,6 +72,44 @@ RSNA_FINDINGS: tuple[str, ...] = ("Pneumonia", "Lung Opacity")
 BOX_LABEL_ALIASES: dict[str, str] = {"Infiltrate": "Infiltration"}
 
 NO_FINDING = "No Finding"
+
+#: Other datasets' names for the same finding (normalised spelling -> normalised spelling). The one
+#: alias table: model outputs, box files and targets are all matched through :func:`find_label`.
+LABEL_ALIASES: dict[str, str] = {
+    "infiltrate": "infiltration",  # NIH's box file vs its label column
+    "pleural effusion": "effusion",  # CheXpert / MIMIC vs NIH / torchxrayvision
+}
+
+
+def _norm(name: str) -> str:
+    """Case-, underscore- and space-insensitive spelling, aliases applied."""
+    key = " ".join(str(name).replace("_", " ").lower().split())
+    return LABEL_ALIASES.get(key, key)
+
+
+def find_label(name: str, labels: Sequence[str]) -> Optional[int]:
+    """Index of finding ``name`` in ``labels`` (a model's outputs): the exact spelling first, then
+    case/space/underscore-insensitive with :data:`LABEL_ALIASES`; None when absent or ambiguous."""
+    labels = list(labels)
+    if name in labels:
+        return labels.index(name)
+    want = _norm(name)
+    hits = [i for i, lab in enumerate(labels) if lab and _norm(lab) == want]
+    return hits[0] if len(hits) == 1 else None
+
+
+def label_index(name: str, labels: Sequence[str]) -> int:
+    """:func:`find_label`, or a one-line :class:`~cxr_explain.errors.CxrExplainError` naming the
+    closest output and listing them all."""
+    from ..errors import CxrExplainError
+
+    i = find_label(name, labels)
+    if i is not None:
+        return i
+    real = [lab for lab in labels if lab]
+    close = difflib.get_close_matches(name, real, n=1, cutoff=0.5)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise CxrExplainError(f"the model has no output named {name!r}; {hint}its outputs are: {', '.join(real)}")
 
 
 def parse_finding_labels(text: object) -> list[str]:

@@ -15,7 +15,8 @@ from typing import Any, Sequence
 from torch import nn
 from torchvision import models as tvm
 
-from ..data.labels import BOX_FINDINGS, BOX_LABEL_ALIASES, CHEXNET_FINDINGS, XRV_PATHOLOGIES
+from ..data.labels import BOX_FINDINGS, CHEXNET_FINDINGS, XRV_PATHOLOGIES
+from ..data import labels as label_names
 from ..errors import CxrExplainError
 
 #: CheXNet / arnoweng / jrzech output order (NIH ChestX-ray14, 14 findings).
@@ -49,9 +50,6 @@ PREPROCESSING = ("imagenet-rgb", "xrv", "gray")
 ARCHS = ("densenet121", "resnet18", "resnet34", "resnet50", "vgg16", "vgg16_bn")
 
 #: Label spellings that differ between files of the same dataset (BBox_List says "Infiltrate").
-_ALIASES = {k.lower(): v for k, v in BOX_LABEL_ALIASES.items()}
-
-
 @dataclass
 class ModelSpec:
     """What a model expects and predicts: architecture, output names, input pipeline, origin."""
@@ -205,21 +203,5 @@ def get_spec(model_or_spec: nn.Module | ModelSpec) -> ModelSpec:
 
 
 def label_index(model_or_spec: nn.Module | ModelSpec, name: str) -> int:
-    """Output index of finding ``name`` (exact, then case/space/underscore-insensitive, then alias)."""
-    labels = get_spec(model_or_spec).labels
-    if name in labels:
-        return labels.index(name)
-
-    def norm(s: str) -> str:
-        return s.lower().replace("_", " ").strip()
-
-    wanted = {norm(name), norm(_ALIASES.get(norm(name), name))}
-    hits = [i for i, lab in enumerate(labels) if lab and norm(lab) in wanted]
-    if len(hits) == 1:
-        return hits[0]
-    real = [lab for lab in labels if lab]
-    close = difflib.get_close_matches(name, real, n=1, cutoff=0.5)
-    hint = f"did you mean {close[0]!r}? " if close else ""
-    raise CxrExplainError(
-        f"the model has no output named {name!r}; {hint}its outputs are: {', '.join(real)}"
-    )
+    """Output index of finding ``name`` (:func:`cxr_explain.data.labels.label_index`)."""
+    return label_names.label_index(name, get_spec(model_or_spec).labels)
