@@ -22,7 +22,7 @@ import torch
 import torchvision
 
 from cxr_explain import explain
-from cxr_explain.attribution.methods import PROPAGATION_METHODS, resolve_method_name
+from cxr_explain.attribution.methods import get_method
 
 
 def _random_densenet(size: int) -> torch.nn.Module:
@@ -97,7 +97,7 @@ def main(argv=None) -> int:
             a, b = cpu.maps.double(), gpu.maps.double().cpu()
             rel = float((a - b).abs().max() / a.abs().max().clamp_min(1e-300))
             cons = "–"
-            if resolve_method_name(name) in PROPAGATION_METHODS:
+            if get_method(name).conserving:
                 logit = gpu.explained.double().cpu()
                 cons = f"{float(((b.flatten(1).sum(1) - logit).abs() / logit.abs()).max()):.1e}"
             print(f"| {name} | {str(dtype).replace('torch.', '')} | {rel:.1e} | {cons} | "

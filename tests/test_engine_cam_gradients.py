@@ -83,7 +83,7 @@ def test_integrated_gradients_equals_the_riemann_sum_of_autograd_gradients():
     model = build("resnet18", size=32)
     x = images(1, 32, seed=9)
     steps = 8
-    e = explain(model, x, "integrated-gradients", target=2, ig_steps=steps)
+    e = explain(model, x, "integrated-gradients", target=2, steps=steps)
     alphas = (torch.arange(steps) + 0.5) / steps
     pts = (alphas.view(-1, 1, 1, 1) * x).requires_grad_(True)
     (g,) = torch.autograd.grad(model(pts)[:, 2].sum(), pts)
@@ -96,7 +96,7 @@ def test_integrated_gradients_completeness_on_a_smooth_model():
         torch.nn.Conv2d(3, 8, 3), torch.nn.Tanh(), torch.nn.Flatten(), torch.nn.Linear(8 * 6 * 6, 3)
     ).double()
     x = torch.randn(1, 3, 8, 8, dtype=torch.float64)
-    e = explain(model, x, "integrated-gradients", target=1, ig_steps=64)
+    e = explain(model, x, "integrated-gradients", target=1, steps=64)
     with torch.no_grad():
         delta = float(model(x)[0, 1] - model(torch.zeros_like(x))[0, 1])
     # Σ IG = f(x) − f(baseline) up to the midpoint rule's O(1/steps²) error

@@ -198,7 +198,7 @@ def test_label_names_are_targets():
     model.labels = ["Atelectasis", "Cardiomegaly", "Effusion"]
     e = explain(model, images(1, 32), "lrp", target="cardiomegaly")
     assert int(e.targets) == 1
-    with pytest.raises(CxrExplainError, match="did you mean Effusion"):
+    with pytest.raises(CxrExplainError, match="did you mean 'Effusion'"):
         explain(model, images(1, 32), "lrp", target="Efusion")
 
 

@@ -85,9 +85,10 @@ def load_images(paths: Sequence[PathLike], model: Optional[nn.Module] = None, pr
 
 
 def save_explanation(image: LoadedImage, heatmap: torch.Tensor, out_dir: PathLike, method: str,
-                     label: str, boxes=()) -> tuple[Path, Path]:
+                     label: str, boxes=(), signed: Optional[bool] = None) -> tuple[Path, Path]:
     """Write ``<stem>_<label>_<method>.npy`` (model-resolution map, float32) and ``….png`` (overlay
-    on the original image in the paper's seismic red/blue convention)."""
+    on the original image: signed maps in the paper's seismic red/blue convention, CAM-family maps
+    non-negative; ``signed`` defaults to what the method says)."""
     from .report.overlay import overlay, save_png
 
     out = Path(out_dir)
@@ -97,9 +98,12 @@ def save_explanation(image: LoadedImage, heatmap: torch.Tensor, out_dir: PathLik
     npy = out / f"{stem}.npy"
     np.save(npy, h)
     full = image.to_original(h)
-    symmetric = method not in ("cam", "gradcam", "gradcam++")
+    if signed is None:  # ask the method: signed maps in seismic, CAM-family maps in jet
+        from .attribution.methods import method_class
+
+        signed = method_class(method).signed
     png = out / f"{stem}.png"
-    save_png(overlay(image.pixels, full, symmetric=symmetric, boxes=boxes), png)
+    save_png(overlay(image.pixels, full, symmetric=signed, boxes=boxes), png)
     return npy, png
 
 

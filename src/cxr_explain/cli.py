@@ -29,8 +29,12 @@ def _explain_arguments(p: argparse.ArgumentParser) -> None:
     _add_model_arguments(p)
     p.add_argument("--method", default="lrp,rap,cam",
                    help="comma list of methods (see `cxr-explain methods`); default: lrp,rap,cam")
+    p.add_argument("--method-option", action="append", metavar="NAME=VALUE",
+                   help="a method option, e.g. epsilon=0.1 (every listed method that has it) or "
+                        "lrp-epsilon.epsilon=0.1; repeatable; `cxr-explain methods` lists the options")
     p.add_argument("--target", default="predicted",
-                   help="class index, label name, comma list of them, or 'predicted' (default)")
+                   help="class index, finding name, 'A-vs-B' (contrast: logit A − logit B), 'prob:NAME', "
+                        "a comma list of them, or 'predicted' (default)")
     p.add_argument("--out", default="cxr_explain_out", help="output folder (default: cxr_explain_out)")
     p.add_argument("--preprocessing", help="imagenet-rgb | xrv | gray (default: the checkpoint's)")
     p.add_argument("--size", type=int, help="model input size (default: the checkpoint's, else 224)")
@@ -47,34 +51,35 @@ def _explain_command(args: argparse.Namespace) -> int:
     from .api import load_images, load_model, save_explanation
     from .attribution import explain
     from .attribution.explain import model_labels
-    from .attribution.methods import resolve_method_name
+    from .attribution.methods import get_method, parse_method_options
+    from .attribution.targets import as_target
 
-    methods = [resolve_method_name(m) for m in args.method.split(",") if m.strip()]
+    names_given = [m for m in args.method.split(",") if m.strip()]
+    options = parse_method_options(names_given, args.method_option or [])
+    methods = [get_method(name, **opts) for name, opts in options.items()]
+    target = as_target(_parse_target(args.target))
     labels = args.labels.split(",") if args.labels and "," in args.labels else args.labels
     model = load_model(args.checkpoint, arch=args.arch, num_classes=args.num_classes, labels=labels,
                        trust_pickle=args.trust_pickle, verbose=args.checkpoint is not None)
     model = model.to(args.device)
     dtype = torch.float64 if args.dtype == "float64" else None
     names = model_labels(model)
-    target = _parse_target(args.target)
     written, skipped = [], 0
     for path in tqdm(args.images, desc="explaining", unit="image", disable=len(args.images) < 2):
-        todo = [m for m in methods if not _done(path, m, target, names, args.out)]
+        todo = [m for m in methods if not _done(path, m.name, target, names, args.out)]
         if not todo:  # a rerun resumes: outputs of finished images are kept, not recomputed
             skipped += 1
             continue
         (img,) = load_images([path], model, args.preprocessing, args.size)
         x = img.tensor.unsqueeze(0)
-        per_image = [target] if isinstance(target, list) else target
         for method in todo:
-            e = explain(model, x, method, target=per_image, dtype=dtype, layer=args.layer)
-            if not bool(torch.isfinite(e.maps).all()):
-                raise CxrExplainError(f"{path}: {method} gave NaN/Inf values; try --dtype float64")
-            maps = e.maps[0] if e.maps.dim() == 4 else e.maps
-            ts = e.targets[0] if e.targets.dim() == 2 else e.targets
-            for h, t in zip(maps.reshape(-1, *maps.shape[-2:]), ts.reshape(-1).tolist()):
-                label = names[t] if names and 0 <= t < len(names) else f"class{t}"
-                npy, png = save_explanation(img, h, args.out, method, label)
+            e = explain(model, x, method, target=target, dtype=dtype, layer=args.layer)
+            maps = e.maps[0].reshape(-1, *e.maps.shape[-2:])
+            labels_0 = e.target_names[0] if isinstance(e.target_names[0], list) else [e.target_names[0]]
+            for h, label in zip(maps, labels_0):
+                if not label:
+                    continue
+                npy, png = save_explanation(img, h, args.out, method.name, label, signed=method.signed)
                 written.append(png)
     note = f" ({skipped} images already done)" if skipped else ""
     print(f"wrote {len(written)} maps (.npy) and overlays (.png) to {Path(args.out).resolve()}{note}")
@@ -82,43 +87,42 @@ def _explain_command(args: argparse.Namespace) -> int:
 
 
 def _done(path: str, method: str, target, names, out: str) -> bool:
-    """Whether ``explain`` already wrote this image's outputs for ``method`` (explicit targets only:
-    a 'predicted' target is known only after the forward)."""
-    from .api import output_stem
+    """Whether ``explain`` already wrote this image's outputs for ``method`` (targets known before
+    the forward only: a 'predicted' target is known only after it)."""
+    import torch
 
-    targets = target if isinstance(target, list) else [target]
-    if any(t == "predicted" for t in targets):
+    from .api import output_stem
+    from .attribution.targets import Predicted, Target
+
+    if isinstance(target, Predicted) or not names:
         return False
-    labels = []
-    for t in targets:
-        if isinstance(t, int):
-            labels.append(names[t] if names and 0 <= t < len(names) else f"class{t}")
-        else:
-            match = [n for n in (names or []) if n.lower() == str(t).lower()]
-            labels.append(match[0] if match else str(t))
-    stems = [Path(out) / output_stem(Path(path), label, method) for label in labels]
-    return all(s.with_suffix(".npy").is_file() and s.with_suffix(".png").is_file() for s in stems)
+    try:  # the names a target resolves to need no model output, except for 'predicted'
+        sel = target.select(torch.zeros(1, len(names)), names)
+    except Exception:  # noqa: BLE001 - resolution errors surface on the real run
+        return False
+    stems = [Path(out) / output_stem(Path(path), label, method) for label in sel.names[0] if label]
+    return bool(stems) and all(s.with_suffix(".npy").is_file() and s.with_suffix(".png").is_file() for s in stems)
 
 
 def _parse_target(text: str):
+    """``--target``: one target, or a comma list of targets explained together for each image."""
     parts = [t.strip() for t in text.split(",") if t.strip()]
-    conv = [int(t) if t.lstrip("-").isdigit() else t for t in parts]
-    if len(conv) == 1:
-        return conv[0]
-    return conv
+    if len(parts) == 1:
+        return parts[0]
+    return [parts]  # one list per image: the CLI explains one image at a time
 
 
 def _methods_command(args: argparse.Namespace) -> int:
-    from .attribution.methods import CAM_METHODS, GRADIENT_METHODS, OTHER_METHODS, PROPAGATION_METHODS
+    from .attribution.methods import available_methods, method_class
 
-    for name, factory in PROPAGATION_METHODS.items():
-        print(f"{name:22s} {factory().description}")
-    for name in GRADIENT_METHODS:
-        print(f"{name:22s} gradient-based (autograd through the traced graph)")
-    for name in CAM_METHODS:
-        print(f"{name:22s} class activation map")
-    for name, text in OTHER_METHODS.items():
-        print(f"{name:22s} {text}")
+    print(f"{'method':22s} {'family':12s} {'maps':7s} {'Σ = y':6s} description")
+    for name in available_methods():
+        cls = method_class(name)
+        default = cls()
+        opts = ", ".join(f"{o.name}={o.default}" for o in cls.options())
+        line = (f"{name:22s} {cls.family.value:12s} {'signed' if cls.signed else 'CAM':7s} "
+                f"{'yes' if default.conserving else 'no':6s} {cls.description}")
+        print(line + (f" [options: {opts}]" if opts else ""))
     return 0
 
 

@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import CxrExplainError
-from .gradients import per_target_gradients
+from .gradients import Choose, per_target_gradients
 from .graph import ForwardRecord, LayerNode, TracedModel, record_forward
+from .targets import Selection
 
 Tensor = torch.Tensor
 
@@ -38,7 +39,7 @@ def last_spatial_node(traced: TracedModel, record: ForwardRecord) -> LayerNode:
     raise CxrExplainError("found no spatial feature map (B, C, H, W) feeding the logits; pass layer=…")
 
 
-def _cam_head(traced: TracedModel) -> tuple[LayerNode, LayerNode]:
+def cam_head(traced: TracedModel) -> tuple[LayerNode, LayerNode]:
     """(head linear, global-average-pool node) of a GAP → (flatten) → Linear head, or an error."""
     head = next((n for n in traced.nodes if n.role == "head"), None)
     if head is None or head.kind != "linear":
@@ -54,18 +55,21 @@ def _cam_head(traced: TracedModel) -> tuple[LayerNode, LayerNode]:
     return head, node
 
 
-Resolve = Callable[[Tensor], Tensor]  # logits (B, n) -> targets (B, K)
+ChannelWeights = Callable[[Tensor, Tensor], Tensor]  # (A, ∂v/∂A) (B, C, h, w) -> α (B, C, 1, 1)
 
 
-def cam(traced: TracedModel, x: Tensor, resolve: Resolve) -> tuple[Tensor, Tensor, Tensor]:
-    """CAM maps (K, B, h, w) at feature resolution, plus logits (B, n) and targets (B, K).
+def cam(traced: TracedModel, x: Tensor, choose: Choose) -> tuple[Tensor, Tensor, Selection]:
+    """CAM maps (K, B, h, w) at feature resolution, plus logits (B, n) and the selection.
 
-    One forward that keeps only the pooled feature map and the logits."""
-    head, gap = _cam_head(traced)
+    ``M = Σ_c (Σ_n s_n W_nc) A_c`` for seed ``s`` (a class: its classifier row; a contrast: the
+    difference of two rows). One forward that keeps only the pooled feature map and the logits."""
+    head, gap = cam_head(traced)
     with torch.no_grad():
         record = record_forward(traced, x, keep={gap.inputs[0].name, gap.name})
         logits = record[traced.logits]
-        targets = resolve(logits)
+        sel = choose(logits)
+        if not sel.linear:
+            raise CxrExplainError("CAM explains classes, findings and contrasts; use gradcam for function targets")
         A = record[gap.inputs[0]]
         if A.dim() != 4:
             raise CxrExplainError(f"CAM: the pooled feature map at {gap.inputs[0].name!r} is not (B, C, H, W)")
@@ -73,9 +77,9 @@ def cam(traced: TracedModel, x: Tensor, resolve: Resolve) -> tuple[Tensor, Tenso
         if out.shape[-1] * out.shape[-2] != 1:
             raise CxrExplainError("CAM needs a global (1×1) average pool before the classifier; use gradcam")
         W = head.module.weight.detach()
-        w = W[targets.clamp(min=0).T]  # (K, B, C)
-        maps = torch.einsum("kbc,bchw->kbhw", w, A) * (targets.T >= 0).view(*targets.T.shape, 1, 1)
-    return maps, logits, targets
+        w = torch.einsum("bkn,nc->kbc", sel.weights.to(W.dtype), W)  # (K, B, C) seed-weighted rows
+        maps = torch.einsum("kbc,bchw->kbhw", w, A)
+    return maps, logits, sel
 
 
 def default_feature_node(traced: TracedModel, x: Tensor) -> LayerNode:
@@ -89,10 +93,25 @@ def default_feature_node(traced: TracedModel, x: Tensor) -> LayerNode:
     return cache[key]
 
 
+def gradcam_weights(A: Tensor, g: Tensor) -> Tensor:
+    """Grad-CAM: ``α_c = mean_hw ∂v/∂A_c``."""
+    return g.mean((2, 3), keepdim=True)
+
+
+def gradcampp_weights(A: Tensor, g: Tensor) -> Tensor:
+    """Grad-CAM++: ``α_c = Σ_hw ReLU(g) · g² / (2g² + Σ_hw A · g³ + 1e-6)`` (0 where g = 0)."""
+    g2, g3 = g * g, g * g * g
+    sum_a = A.sum((2, 3), keepdim=True)
+    aij = torch.where(g != 0, g2 / (2 * g2 + sum_a * g3 + 1e-6), torch.zeros_like(g))
+    return (F.relu(g) * aij).sum((2, 3), keepdim=True)
+
+
 def gradcam(
-    traced: TracedModel, x: Tensor, resolve: Resolve, layer: Optional[str] = None, plusplus: bool = False
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Grad-CAM(++) maps (K, B, h, w) at the feature layer's resolution, logits (B, n), targets (B, K)."""
+    traced: TracedModel, x: Tensor, choose: Choose, layer: Optional[str] = None,
+    channel_weights: ChannelWeights = gradcam_weights,
+) -> tuple[Tensor, Tensor, Selection, LayerNode]:
+    """``ReLU(Σ_c α_c A_c)`` with ``α = channel_weights(A, ∂v/∂A)``: maps (K, B, h, w) at the feature
+    layer's resolution, logits (B, n), the selection and the feature node used."""
     feat = traced.find(layer) if layer is not None else default_feature_node(traced, x)
     with torch.enable_grad():
         record = record_forward(traced, x.detach(), detach_at=feat, keep={feat.name})
@@ -100,15 +119,6 @@ def gradcam(
         if not isinstance(A, Tensor) or A.dim() != 4:
             raise CxrExplainError(f"Grad-CAM layer {feat!r} does not output a (B, C, H, W) feature map")
         logits = record[traced.logits]
-        targets = resolve(logits.detach())
-        maps = []
-        for _, g in per_target_gradients(logits, A, targets):
-            if plusplus:
-                g2, g3 = g * g, g * g * g
-                sum_a = A.sum((2, 3), keepdim=True)
-                aij = torch.where(g != 0, g2 / (2 * g2 + sum_a * g3 + 1e-6), torch.zeros_like(g))
-                alpha = (F.relu(g) * aij).sum((2, 3), keepdim=True)
-            else:
-                alpha = g.mean((2, 3), keepdim=True)
-            maps.append(F.relu((alpha * A).sum(1)).detach())
-    return torch.stack(maps), logits.detach(), targets
+        sel = choose(logits.detach())
+        maps = [F.relu((channel_weights(A, g) * A).sum(1)).detach() for _, g in per_target_gradients(logits, A, sel)]
+    return torch.stack(maps), logits.detach(), sel, feat

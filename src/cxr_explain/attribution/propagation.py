@@ -7,17 +7,32 @@ Per node we keep Σ R at its output (``layer_sums``) and the relevance its rule 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional, Union
 
 import torch
 
 from ..errors import CxrExplainError
-from .graph import ForwardRecord, TracedModel
-from .methods import PropagationMethod
-from .rules import Step, per_sample_sum
+from .graph import ForwardRecord, LayerNode, TracedModel
+from .rules import Rule, Step, per_sample_sum
 
 Tensor = torch.Tensor
+RuleKey = Union[str, tuple[str, str]]
+
+
+@dataclass(frozen=True)
+class RuleMap:
+    """Which rule each node gets: looked up by ``(kind, role)`` (role ∈ first / head / hidden), then
+    by ``kind``. What a propagation method hands the engine."""
+
+    name: str
+    rules: Mapping[RuleKey, Rule] = field(default_factory=dict)
+
+    def rule_for(self, node: LayerNode) -> Optional[Rule]:
+        return self.rules.get((node.kind, node.role)) or self.rules.get(node.kind)
+
+    def has_rule(self, node: LayerNode) -> bool:
+        return self.rule_for(node) is not None
 
 
 @dataclass
@@ -31,7 +46,7 @@ class PropagationResult:
 def propagate(
     traced: TracedModel,
     record: ForwardRecord,
-    method: PropagationMethod,
+    method: RuleMap,
     start: Tensor,
     keep_sums: bool = True,
     keep: frozenset[str] = frozenset(),

@@ -13,16 +13,15 @@
 """
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 from torch.nn.grad import conv2d_input, conv2d_weight
 
 from ..errors import CxrExplainError
 from . import rules as R
-from .gradients import per_target_gradients
-from .graph import LayerNode, TracedModel, record_forward
-from .methods import PropagationMethod
+from .gradients import Choose, per_target_gradients
+from .graph import ForwardRecord, LayerNode, TracedModel, record_forward
+from .targets import Selection
 
 Tensor = torch.Tensor
 
@@ -71,16 +70,14 @@ class RspMaxPool(R.Rule):
         return R.WinnerTakesAll().backward(shifted, Rout)  # output + 1 is never 0: no masking
 
 
-def rsp_method() -> PropagationMethod:
-    rules = {
-        "conv": RspConv(),
-        ("conv", "first"): R.zbox("safe"),
-        "relu": R.Pass(),
-        "identity": R.Pass(),
-        "batchnorm": R.MaskedPass(),
-        "maxpool": RspMaxPool(),
-    }
-    return PropagationMethod("rsp", "Relative Sectional Propagation (Nam et al. 2021)", rules, start="custom")
+RSP_RULES = {
+    "conv": RspConv(),
+    ("conv", "first"): R.zbox("safe"),
+    "relu": R.Pass(),
+    "identity": R.Pass(),
+    "batchnorm": R.MaskedPass(),
+    "maxpool": RspMaxPool(),
+}
 
 
 def rsp_start_node(traced: TracedModel) -> LayerNode:
@@ -97,18 +94,18 @@ def rsp_start_node(traced: TracedModel) -> LayerNode:
     return pools[-1].inputs[0]
 
 
-def rsp_start(traced: TracedModel, x: Tensor, targets: Tensor) -> tuple[LayerNode, Tensor, Tensor, dict]:
-    """(start node, start relevance (K, B, C, h, w), logits, forward values) for RSP."""
+def rsp_start(traced: TracedModel, x: Tensor, choose: Choose) -> tuple[LayerNode, Tensor, Tensor, Selection, ForwardRecord]:
+    """(start node, start relevance (K, B, C, h, w), logits, selection, forward record) for RSP."""
     node = rsp_start_node(traced)
     with torch.enable_grad():
         record = record_forward(traced, x.detach(), detach_at=node)
         A = record[node]
         logits = record[traced.logits]
+        sel = choose(logits.detach())
         starts = []
-        for t, g in per_target_gradients(logits, A, targets):
+        for k, g in per_target_gradients(logits, A, sel):
             T = (A * g.mean((2, 3), keepdim=True)).detach()
             mx = T.flatten(1).max(1).values.view(-1, 1, 1, 1)
-            starts.append(T / (mx + 1e-9) * (t >= 0).view(-1, 1, 1, 1))
-    values = {n: (v.detach() if isinstance(v, Tensor) else v) for n, v in record.values.items()}
-    record.values = values
-    return node, torch.stack(starts), logits.detach(), record
+            starts.append(T / (mx + 1e-9) * sel.valid[:, k].view(-1, 1, 1, 1))
+    record.values = {n: (v.detach() if isinstance(v, Tensor) else v) for n, v in record.values.items()}
+    return node, torch.stack(starts), logits.detach(), sel, record

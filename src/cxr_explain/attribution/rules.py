@@ -529,8 +529,9 @@ class RapFirstStep(Rule):
     For target t with input a, row w = W[t], bias b: ``c_i = a_i w_i``; ``Pos = Σ max(c,0)``,
     ``Neg = Σ min(c,0)``; ``b_pos = b·sdiv(Pos, Pos+Neg)``, ``b_neg = b·sdiv(Neg, Pos+Neg)`` spread over
     ``a_i > 0`` in proportion to ``a⁺_i W⁺_i`` resp. ``a⁺_i W⁻_i``; ``r = c + shares``;
-    ``R_i = |r_i| · Σ r / Σ |r|``. The incoming relevance must be a one-hot per (target, image);
-    its value scales the result (RAP starts from 1.0).
+    ``R_i = |r_i| · Σ r / Σ |r|``. The incoming relevance is a seed per (target, image): a one-hot
+    (RAP starts from 1.0) or a contrast ``e_a − e_b``; each non-zero entry gets its own first step,
+    scaled by the entry, so Σ R = Σ_t s_t · logit_t.
     """
 
     name = "rap-first-step"
@@ -542,11 +543,25 @@ class RapFirstStep(Rule):
         a = step.x  # (B, D)
         if a.dim() != 2:
             raise CxrExplainError(f"RAP's first step expects a (batch, features) input at {step.node!r}")
-        t = R.abs().argmax(-1)  # (K, B)
-        scale = R.gather(-1, t.unsqueeze(-1)).squeeze(-1)  # (K, B)
         W = lm.weight.detach()
+        bias = lm.bias.detach() if lm.bias is not None else None
+        out = torch.zeros((R.shape[0], *a.shape), dtype=a.dtype, device=a.device)
+        m = int((R != 0).sum(-1).max()) if R.numel() else 0
+        if m == 0:
+            return [out]
+        # one first step per non-zero seed entry (a contrast has two), weighted by the entry
+        idx = R.abs().topk(m, dim=-1).indices  # (K, B, m)
+        for j in range(m):
+            t = idx[..., j]  # (K, B)
+            scale = R.gather(-1, t.unsqueeze(-1)).squeeze(-1)  # (K, B); 0 where a row has fewer entries
+            out = out + self._unit(a, W, bias, t) * scale.unsqueeze(-1)
+        return [out]
+
+    @staticmethod
+    def _unit(a: Tensor, W: Tensor, bias: Optional[Tensor], t: Tensor) -> Tensor:
+        """The normalised first-step relevance (K, B, D) for output unit ``t`` (K, B), Σ = logit_t."""
         w = W[t]  # (K, B, D)
-        b = lm.bias.detach()[t] if lm.bias is not None else torch.zeros_like(scale)
+        b = bias[t] if bias is not None else torch.zeros(t.shape, dtype=a.dtype, device=a.device)
         c = a.unsqueeze(0) * w
         pos = c.clamp(min=0).sum(-1)
         neg = c.clamp(max=0).sum(-1)
@@ -558,8 +573,7 @@ class RapFirstStep(Rule):
         shares = pp * sdiv(b_pos, pp.sum(-1)).unsqueeze(-1) + pn * sdiv(b_neg, pn.sum(-1)).unsqueeze(-1)
         r = c + shares
         absr = r.abs()
-        Rin = absr * sdiv(r.sum(-1), absr.sum(-1)).unsqueeze(-1)
-        return [Rin * scale.unsqueeze(-1)]
+        return absr * sdiv(r.sum(-1), absr.sum(-1)).unsqueeze(-1)
 
 
 class RapHidden(Rule):

@@ -19,6 +19,10 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParse
     p.add_argument("--arch", default=None, help="architecture of the checkpoint (default: detected)")
     p.add_argument("--trust-pickle", action="store_true", help="allow pickled checkpoints (jrzech, xrv)")
     p.add_argument("--methods", nargs="+", default=["cam", "lrp", "rap"], help="explanation methods")
+    p.add_argument("--method-option", action="append", metavar="NAME=VALUE",
+                   help="a method option, e.g. epsilon=0.1 or lrp-epsilon.epsilon=0.1 (repeatable)")
+    p.add_argument("--versus", default=None, metavar="FINDING",
+                   help="explain each box's finding against this output (logit difference, e.g. 'No Finding')")
     p.add_argument("--thresholds", nargs="+", type=float, default=list(PAPER_THRESHOLDS), help="IoU thresholds T")
     p.add_argument("--out", default="cxr-explain-eval", help="results folder (a rerun resumes it)")
     p.add_argument("--batch-size", type=int, default=8)
@@ -106,9 +110,11 @@ def load_dataset_from_args(args, labels) -> object:
 
 def evaluate_cli(args) -> Path:
     """``cxr-explain evaluate``: run :func:`~.runner.evaluate`, print Table 2 and the report path."""
+    from ..attribution.methods import parse_method_options
     from .runner import evaluate
     from .summary import table2_text
 
+    method_options = parse_method_options(args.methods, getattr(args, "method_option", None) or [])
     model = load_model_from_args(args)
     ds = load_dataset_from_args(args, list(model.cxr_spec.labels))
     no_report = bool(getattr(args, "no_report", False))
@@ -117,7 +123,8 @@ def evaluate_cli(args) -> Path:
                    resize=args.resize, empty_region=args.empty_region, save_maps=not args.no_maps,
                    faithfulness=args.faithfulness, progress=not args.no_progress, use_masks=not args.no_masks,
                    faithfulness_images=args.faithfulness_images, max_images=args.max_images,
-                   report=not no_report and not getattr(args, "intention", None))
+                   report=not no_report and not getattr(args, "intention", None),
+                   method_options=method_options, versus=getattr(args, "versus", None))
     if getattr(args, "intention", None):
         from .intention import intention_analysis
 

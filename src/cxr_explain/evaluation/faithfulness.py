@@ -61,7 +61,7 @@ def run_faithfulness(model: nn.Module, dataset: Any, out_dir: Path, methods: Seq
                      patch: int | None = None, n_random: int = 2) -> dict[str, Path]:
     """Deletion / insertion AUCs of ``methods`` on ``indices`` and the randomisation check on the
     first ``n_random`` of them; writes CSVs, tables and a plot into ``out_dir``."""
-    from .runner import _model_index
+    from ..data.labels import find_label
 
     out = Path(out_dir)
     labels = list(model.cxr_spec.labels)
@@ -78,7 +78,7 @@ def run_faithfulness(model: nn.Module, dataset: Any, out_dir: Path, methods: Seq
     for j, i in enumerate(items):
         s = dataset.samples[i]
         finding = gts[i][0].finding
-        cls = _model_index(labels, finding)
+        cls = find_label(finding, labels)
         x, _, _ = pre(dataset.read_image(i))
         x = x.to(dev)
 

@@ -30,7 +30,8 @@ import torch
 import torch.nn as nn
 
 from ..attribution import explain
-from ..attribution.methods import CAM_METHODS, resolve_method_name
+from ..attribution.methods import resolve_method_name
+from ..data.labels import find_label
 from ..data.folder import read_csv_table
 from ..data.images import get_preprocessing
 from ..data.nih import read_mask
@@ -95,12 +96,12 @@ def intention_analysis(
     dataset root's ``lungs.csv`` / ``cues.csv``). ``split`` keeps the images of that split (the
     dataset's split file), ``max_images`` the first N of them. With ``out_dir``, writes
     ``intention.csv`` and ``tables/intention.{md,csv,json}`` there."""
-    from .runner import _model_index, _resolve_device, image_splits
+    from .runner import image_splits, resolve_device
 
     spec = getattr(model, "cxr_spec", None)
     if spec is None:
         raise CxrExplainError("the model has no .cxr_spec; build it with build_model / load_checkpoint")
-    cls = _model_index(spec.labels, finding)
+    cls = find_label(finding, spec.labels)
     if cls is None:
         raise CxrExplainError(f"the model has no output named {finding!r}; its outputs are: {', '.join(spec.labels)}")
     if finding not in dataset.findings:
@@ -111,7 +112,7 @@ def intention_analysis(
     lungs = dict(lungs) if lungs is not None else (read_region_masks(root, "lungs.csv") if root else {})
     cues = dict(cues) if cues is not None else (read_region_masks(root, "cues.csv") if root else {})
     pre = get_preprocessing(spec.preprocessing, spec.input_size)
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     model = model.to(dev).eval()
     order = list(range(len(dataset)))
     if split is not None:
@@ -144,7 +145,7 @@ def intention_analysis(
             else:
                 lesion = np.zeros((H, W), bool)
                 for b in s.boxes:
-                    if _model_index([finding], b.finding) is not None:
+                    if find_label(b.finding, [finding]) is not None:
                         lesion |= b.to_mask(H, W)
             lm = read_mask([lungs[s.image_id]]) if s.image_id in lungs else None
             cm = read_mask([cues[s.image_id]]) if s.image_id in cues else None
@@ -154,7 +155,7 @@ def intention_analysis(
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)
                 exp = explain(model, x, method=m, target=cls)
-            maps = (exp.raw_maps if m in CAM_METHODS and exp.raw_maps is not None else exp.maps).detach().float().cpu()
+            maps = (exp.raw_maps if exp.raw_maps is not None else exp.maps).detach().float().cpu()
             logits = exp.logits.detach().float().cpu()
             probs = torch.sigmoid(logits) if spec.multilabel else torch.softmax(logits, 1)
             for b, (s, H, W, lesion, lm, cm) in enumerate(metas):

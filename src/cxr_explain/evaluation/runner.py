@@ -28,8 +28,10 @@ import torch
 import torch.nn as nn
 
 from ..attribution import explain
-from ..attribution.methods import CAM_METHODS, resolve_method_name
+from ..attribution.methods import Method, get_method, resolve_method_name
+from ..attribution.targets import Contrast, Index
 from ..data.images import Preprocessing, get_preprocessing
+from ..data.labels import find_label, label_index
 from ..data.types import Box, Sample
 from ..errors import CxrExplainError
 from ..metrics.localization import (EMPTY_REGION_MODES, PAPER_THRESHOLDS, RESIZE_MODES,
@@ -52,15 +54,6 @@ class GroundTruth:
     box: Optional[Box] = None
 
 
-def _model_index(labels: Sequence[str], finding: str) -> Optional[int]:
-    """Output index of ``finding`` (exact, then case/underscore-insensitive, Infiltrate alias)."""
-    norm = lambda s: s.lower().replace("_", " ").strip()  # noqa: E731
-    aliases = {"infiltrate": "infiltration"}
-    want = aliases.get(norm(finding), norm(finding))
-    hits = [i for i, lab in enumerate(labels) if lab and aliases.get(norm(lab), norm(lab)) == want]
-    return hits[0] if len(hits) == 1 else None
-
-
 def _mask_findings(dataset: Any, i: int) -> list[str]:
     """Findings with an exact mask for sample ``i``, without reading the masks when the reader
     keeps their paths (NIH / RSNA readers); otherwise from ``dataset[i].masks``."""
@@ -79,10 +72,10 @@ def ground_truths(dataset: Any, i: int, labels: Sequence[str], use_masks: bool =
     """The boxes (and, with ``use_masks``, the masks) of sample ``i`` whose finding the model outputs."""
     s = dataset.samples[i] if hasattr(dataset, "samples") else dataset[i]
     out = [GroundTruth(b.finding, "box", k, b) for k, b in enumerate(s.boxes)
-           if _model_index(labels, b.finding) is not None]
+           if find_label(b.finding, labels) is not None]
     if use_masks:
         out += [GroundTruth(f, "mask", 0) for f in _mask_findings(dataset, i)
-                if _model_index(labels, f) is not None]
+                if find_label(f, labels) is not None]
     return out
 
 
@@ -134,7 +127,7 @@ def _barrier(world: int) -> None:
         dist.barrier()
 
 
-def _resolve_device(device: str) -> torch.device:
+def resolve_device(device: str) -> torch.device:
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
             raise CxrExplainError(f"--device {device} requested but CUDA is not available; use --device cpu")
@@ -165,7 +158,7 @@ def _dataset_info(dataset: Any) -> dict:
 def _check_run_file(out: Path, settings: dict) -> dict:
     """Write ``run.json``; on a rerun, the scoring settings must match the earlier ones."""
     p = out / RUN_FILE
-    fixed = ("thresholds", "resize", "empty_region", "scaling", "model", "masks")
+    fixed = ("thresholds", "resize", "empty_region", "scaling", "model", "masks", "versus")
     if p.is_file():
         try:
             old = json.loads(p.read_text())
@@ -176,6 +169,13 @@ def _check_run_file(out: Path, settings: dict) -> dict:
                 raise CxrExplainError(
                     f"{out} holds results made with another {k} ({old.get(k)!r}); "
                     "evaluate into a new --out folder or delete it")
+        old_ms, new_ms = old.get("method_settings", {}), settings.get("method_settings", {})
+        for m in set(old_ms) & set(new_ms):
+            if old_ms[m] != new_ms[m]:
+                raise CxrExplainError(
+                    f"{out} holds {m} results made with other options ({old_ms[m]!r}, now {new_ms[m]!r}); "
+                    "evaluate into a new --out folder or delete it")
+        settings["method_settings"] = {**old_ms, **new_ms}
         settings["methods"] = list(dict.fromkeys(list(old.get("methods", [])) + list(settings["methods"])))
     tmp = p.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(settings, indent=1))
@@ -277,6 +277,8 @@ def evaluate(
     max_images: Optional[int] = None,
     report: bool = True,
     stop_after_batches: Optional[int] = None,
+    method_options: Optional[dict[str, dict[str, Any]]] = None,
+    versus: Optional[str] = None,
 ) -> Path:
     """Evaluate ``methods`` on every box (and exact mask) of ``dataset``; returns ``out_dir``.
 
@@ -288,9 +290,13 @@ def evaluate(
     the ``split`` column always names each image's split where one is known. ``max_images`` keeps
     the first N images with ground truth (dataset order). ``stop_after_batches`` stops early (to
     test resuming). ``faithfulness`` adds deletion / insertion and the randomisation check on the
-    first ``faithfulness_images`` images (:mod:`.faithfulness`).
+    first ``faithfulness_images`` images (:mod:`.faithfulness`). ``method_options``: per method name,
+    its options (``{"lrp-epsilon": {"epsilon": 0.1}}``). ``versus``: explain each finding against this
+    output (``logit_finding − logit_versus``, e.g. "No Finding") instead of its logit alone.
     """
     methods = [resolve_method_name(m) for m in methods]
+    opts = {resolve_method_name(k): v for k, v in (method_options or {}).items()}
+    configured: dict[str, Method] = {m: get_method(m, **opts.get(m, {})) for m in methods}
     if not methods:
         raise CxrExplainError("no explanation method given; pass e.g. --methods cam lrp rap")
     thresholds = [float(t) for t in thresholds]
@@ -306,8 +312,9 @@ def evaluate(
     out.mkdir(parents=True, exist_ok=True)
     info = _spec_info(model)
     labels = info["labels"]
+    versus_index = label_index(versus, labels) if versus else None
     pre = get_preprocessing(info["preprocessing"], info["input_size"])
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     rank, world = dist_context(str(dev))
     columns = results_columns(thresholds)
 
@@ -330,6 +337,7 @@ def evaluate(
             f"the model outputs ({', '.join(labels)}); check the box file and the model's labels")
     settings = {"thresholds": thresholds, "resize": resize, "empty_region": empty_region, "scaling": scaling,
                 "masks": use_masks, "model": info, "methods": methods, "dataset": _dataset_info(dataset),
+                "method_settings": {m: configured[m].settings() for m in methods}, "versus": versus,
                 "split_filter": split, "batch_size": batch_size, "device": str(dev), "world_size": world,
                 "protocol": "paper §1 (IoU of h>T vs box in original pixel space) + §2 Otsu/hit + §3 mass/rank/AUPRC"}
     if rank == 0:
@@ -361,7 +369,7 @@ def evaluate(
                    desc="evaluate" + (f" rank {rank}" if world > 1 else ""), dynamic_ncols=True)
     ctx = {"labels": labels, "pre": pre, "thresholds": thresholds, "resize": resize, "multilabel": info["multilabel"],
            "empty_region": empty_region, "scaling": scaling, "splits": splits, "out": out, "save_maps": save_maps,
-           "use_masks": use_masks}
+           "use_masks": use_masks, "versus": versus_index}
     try:
         for nb, batch in enumerate(loader):
             if stop_after_batches is not None and nb >= stop_after_batches:
@@ -369,7 +377,7 @@ def evaluate(
             for m in methods:
                 items = [it for it in batch if (ids[it["index"]], m) not in writer.done]
                 if items:
-                    for rows in _score_batch(model, m, items, gts, ctx):
+                    for rows in _score_batch(model, configured[m], items, gts, ctx):
                         writer.write_group(rows)
             writer.flush()
             if bar:
@@ -422,20 +430,22 @@ def _bbox_of(mask: np.ndarray) -> tuple[float, float, float, float]:
     return float(xs.min()), float(ys.min()), float(xs.max() - xs.min() + 1), float(ys.max() - ys.min() + 1)
 
 
-def _score_batch(model: nn.Module, method: str, items: list[dict], gts: dict, ctx: dict):
+def _score_batch(model: nn.Module, configured: Method, items: list[dict], gts: dict, ctx: dict):
     """Explain ``items`` with ``method`` (all findings of an image in one pass) and yield, per
     image, the list of its result rows."""
-    labels = ctx["labels"]
+    labels, method, versus = ctx["labels"], configured.name, ctx["versus"]
     x = torch.stack([it["x"] for it in items])
-    targets = []
+    targets, class_lists = [], []
     for it in items:
         fs = list(dict.fromkeys(g.finding for g in gts[it["index"]]))
-        targets.append([_model_index(labels, f) for f in fs])
+        classes = [find_label(f, labels) for f in fs]
+        class_lists.append(classes)
+        targets.append([Contrast(Index(c), Index(versus)) if versus is not None else c for c in classes])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # conservation notes: not a scoring problem
-        exp = explain(model, x, method=method, target=targets)
+        exp = explain(model, x, method=configured, target=targets)
     maps = exp.maps.detach().float().cpu()
-    raw = exp.raw_maps.detach().float().cpu() if (method in CAM_METHODS and exp.raw_maps is not None) else None
+    raw = exp.raw_maps.detach().float().cpu() if exp.raw_maps is not None else None  # CAM family: low-res map
     logits = exp.logits.detach().float().cpu()
     probs = torch.sigmoid(logits) if ctx["multilabel"] else torch.softmax(logits, dim=1)
     pre: Preprocessing = ctx["pre"]
@@ -453,7 +463,7 @@ def _score_batch(model: nn.Module, method: str, items: list[dict], gts: dict, ct
         rows = []
         for g in gts[it["index"]]:
             k = fs.index(g.finding)
-            cls = targets[b][k]
+            cls = class_lists[b][k]
             mask = _gt_mask(s, g, H, W)
             if ident:
                 h = raw[b, k] if raw is not None else maps[b, k]

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from ..attribution.methods import method_class
 from ..data.images import get_preprocessing, read_image
 from ..data.types import Box
 from ..errors import CxrExplainError
@@ -25,7 +26,6 @@ from ..evaluation.summary import ABBREV, ALL, load_run, subsets_of, summarize, t
 from .overlay import draw_box, figure_grid, overlay, to_gray_uint8
 
 FIGURES_DIR = "figures"
-CAM_LIKE = ("cam", "gradcam", "gradcam++")
 REGION_KEY = ["image_id", "finding", "gt", "gt_index"]
 
 
@@ -79,6 +79,14 @@ class MapStore:
         return h, gray
 
 
+def map_style(method: str) -> dict:
+    """How a method's maps are drawn, as the method says: signed maps alone in ``seismic`` (red
+    relevant, blue irrelevant), CAM-family maps in ``jet`` blended half onto the X-ray."""
+    if method_class(method).signed:
+        return {"alpha": 1.0, "symmetric": True, "cmap": None}
+    return {"alpha": 0.5, "symmetric": False, "cmap": "jet"}
+
+
 def tile(store: MapStore, row: pd.Series, method: Optional[str], size: int = 224, box_width: int = 2) -> np.ndarray:
     """One panel: the X-ray (``method=None``) or the method's heatmap, with the region's box in red."""
     H, W = int(row["height"]), int(row["width"])
@@ -88,8 +96,7 @@ def tile(store: MapStore, row: pd.Series, method: Optional[str], size: int = 224
         rgb = np.repeat(gray[..., None], 3, axis=2).copy()
     else:
         h, gray = store.display(row, method, size)
-        cam = method in CAM_LIKE
-        rgb = overlay(gray, h, alpha=0.5 if cam else 1.0, symmetric=not cam, cmap="jet" if cam else None)
+        rgb = overlay(gray, h, **map_style(method))
     if all(math.isfinite(v) for v in (box.x, box.y, box.w, box.h)):
         draw_box(rgb, box.scaled(rgb.shape[1] / W, rgb.shape[0] / H), width=box_width)
     return rgb

@@ -1,0 +1,97 @@
+"""LRP composites (each a rule map; docs/rules.md §3). ``lrp`` is the RAP authors' LRP-α1β0."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .. import rules as R
+from .base import option, register
+from .propagation import PropagationMethod, structural_rules
+
+
+@register
+@dataclass(frozen=True)
+class Lrp(PropagationMethod):
+    """The authors' LRP-α1β0 (docs/rules.md §3): z⁺ without bias on hidden and head layers, zᴮ with
+    the image's min/max and ``Z + 1e-9`` on the first layer, BN pass-through, pools and ``+``
+    proportional, start relevance = the explained logit."""
+
+    name = "lrp"
+    aliases = ("lrp-a1b0",)
+    description = "LRP-α1β0 as the RAP authors' code: z⁺ without bias, zᴮ first layer, starts at the logit"
+
+    def rules(self):
+        rules = structural_rules(conv=R.zplus(), linear=R.zplus())
+        rules[("conv", "first")] = R.zbox("plus-epsilon", 1e-9)
+        rules[("linear", "first")] = R.zbox("plus-epsilon", 1e-9)
+        return rules
+
+
+@register
+@dataclass(frozen=True)
+class LrpEpsilon(PropagationMethod):
+    """LRP-ε with biases on every Conv/Linear, zᴮ on the first layer (zennit's ``EpsilonGammaBox``
+    with γ = 0)."""
+
+    name = "lrp-epsilon"
+    description = "LRP-ε on every layer (biases kept), zᴮ first layer"
+    conserving = False
+    epsilon: float = option(0.25, "ε added to each denominator with the sign of z")
+
+    def rules(self):
+        rules = structural_rules(conv=R.epsilon(self.epsilon), linear=R.epsilon(self.epsilon))
+        rules[("conv", "first")] = R.zbox("safe")
+        rules[("linear", "first")] = R.zbox("safe")
+        return rules
+
+
+@register
+@dataclass(frozen=True)
+class LrpEpsilonPlus(PropagationMethod):
+    """zennit's ``EpsilonPlus`` recipe: z⁺ on convolutions, ε on linear layers, zᴮ on the first."""
+
+    name = "lrp-epsilon-plus"
+    description = "LRP z⁺ on convolutions, ε on linear layers, zᴮ first layer"
+    conserving = False
+    epsilon: float = option(0.25, "ε of the linear layers' rule")
+
+    def rules(self):
+        rules = structural_rules(conv=R.zplus(), linear=R.epsilon(self.epsilon))
+        rules[("conv", "first")] = R.zbox("safe")
+        return rules
+
+
+@register
+@dataclass(frozen=True)
+class LrpZPlusFlat(PropagationMethod):
+    """z⁺ everywhere, the flat rule on the first layer (relevance spread over its receptive field)."""
+
+    name = "lrp-zplus-flat"
+    description = "LRP z⁺ on hidden layers, flat rule on the first layer"
+
+    def rules(self):
+        rules = structural_rules(conv=R.zplus(), linear=R.zplus())
+        rules[("conv", "first")] = R.flat()
+        rules[("linear", "first")] = R.flat()
+        return rules
+
+
+@register
+@dataclass(frozen=True)
+class LrpAlphaBeta(PropagationMethod):
+    """LRP-αβ (each part normalised on its own, no bias) on hidden layers, zᴮ on the first layer;
+    conserving when α − β = 1."""
+
+    name = "lrp-a2b1"
+    description = "LRP-αβ (α=2, β=1 by default) on hidden layers, zᴮ first layer"
+    alpha: float = option(2.0, "weight of the positive contributions")
+    beta: float = option(1.0, "weight of the negative contributions")
+
+    @property
+    def conserving(self) -> bool:  # type: ignore[override]
+        return self.alpha - self.beta == 1
+
+    def rules(self):
+        rule = R.alpha_beta(self.alpha, self.beta)
+        rules = structural_rules(conv=rule, linear=rule)
+        rules[("conv", "first")] = R.zbox("safe")
+        return rules

@@ -1,0 +1,60 @@
+"""RAP, Relative Attributing Propagation (Nam et al., AAAI 2020), as the authors' code computes it
+(docs/rules.md §2), with our DenseNet extension; and ``rap-noshift`` for ablations."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Optional
+
+from .. import rules as R
+from ..graph import TracedModel
+from .base import register
+from .propagation import PropagationMethod, structural_rules
+
+
+@register
+@dataclass(frozen=True)
+class Rap(PropagationMethod):
+    """First step with absolute influence normalisation at the head, the relative-influence hidden
+    rule with the uniform shift, zᴮ (safe division) on the first layer, BatchNorm masked
+    pass-through (plain pass-through in DenseNet, :meth:`graph_rules`), pools and ``+`` proportional."""
+
+    name = "rap"
+    description = "Relative Attributing Propagation (Nam et al. 2020), the authors' rules; Σ map = logit"
+    start = "one"
+    shift: ClassVar[bool] = True  # the uniform shift; rap-noshift is the method without it
+
+    def rules(self):
+        hidden = R.RapHidden(shift=self.shift)
+        rules = structural_rules(conv=hidden, linear=hidden, batchnorm=R.MaskedPass())
+        rules[("linear", "head")] = R.RapFirstStep()
+        rules[("conv", "first")] = R.zbox("safe")
+        rules[("linear", "first")] = R.zbox("safe")
+        return rules
+
+    def graph_rules(self, traced: TracedModel):
+        """RAP's DenseNet extension (docs/rules.md §2.11: BatchNorm is the identity) for DenseNets,
+        recognised by a BatchNorm that reads a concatenation (a dense layer's norm1; GoogLeNet-style
+        branch concatenations do not count). The authors' mask ``R ⊙ [x ≠ 0]`` (§2.7) is not
+        "practically always 1" in a DenseNet: a dense layer's 1×1 conv can output exactly 0 where all
+        its inputs are 0, norm2 turns that into a bias-only activation, and the mask drops its
+        relevance (Σ map was 8× the logit on a trained model). Passed through, it reaches the conv's
+        hidden rule, whose uniform shift conserves it."""
+        dense = any(n.kind == "batchnorm" and n.inputs and n.inputs[0].kind == "cat" for n in traced.nodes)
+        return {"batchnorm": R.Pass()} if dense else {}
+
+    def check_graph(self, traced: TracedModel) -> Optional[str]:
+        head = [n for n in traced.nodes if n.role == "head"]
+        if not head or head[0].kind != "linear":
+            return "RAP needs a model whose logits come from a Linear layer (its first step happens there)"
+        return None
+
+
+@register
+@dataclass(frozen=True)
+class RapNoShift(Rap):
+    """RAP without the uniform shift (ours, for ablations: not conserving)."""
+
+    name = "rap-noshift"
+    description = "RAP without the uniform shift (ours, for ablations; not conserving)"
+    conserving = False
+    shift = False
