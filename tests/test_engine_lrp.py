@@ -37,7 +37,7 @@ def test_lrp_conserves_the_logit_in_float64(models64, arch):
 
 
 def _zennit_lrp(model: nn.Module, x: torch.Tensor, target: int) -> torch.Tensor:
-    """zennit's composite matched to the authors' LRP (specs/rap.md §8), batch of one."""
+    """zennit's composite matched to the authors' LRP (docs/rules.md §6), batch of one."""
     clear_trace_caches()  # our cached W⁺ copies are not needed while zennit makes its own
     rule = AlphaBeta(1.0, 0.0, stabilizer=1e-13, zero_params=["bias"])
     composite = SpecialFirstLayerMapComposite(

@@ -163,7 +163,7 @@ def test_boxes_only_and_settings_guard(dataset, tmp_path):
 def test_summaries_table2_layout(full_run):
     written = write_summaries(full_run)
     md = written["table2_all_box"].read_text()
-    assert "Protocol: paper §1" in md and "original pixel space" in md
+    assert "Protocol: docs/evaluation.md §1" in md and "original pixel space" in md
     assert "| 0.1 | CAM |" in md and "| 0.5 | RAP |" in md
     df = read_results(full_run / "results.csv")
     box = df[(df["gt"] == "box") & (df["method"] == "lrp")]

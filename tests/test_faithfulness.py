@@ -1,4 +1,4 @@
-"""Deletion / insertion curves and the randomisation sanity check (specs/evaluation.md §4)."""
+"""Deletion / insertion curves and the randomisation sanity check (docs/evaluation.md §4)."""
 from __future__ import annotations
 
 from collections import OrderedDict

@@ -1,4 +1,5 @@
-"""§6: a model trained with a planted shortcut puts its relevance on the cue, a clean model does not."""
+"""docs/evaluation.md §6: a model trained with a planted shortcut puts its relevance on the cue, a clean
+model does not."""
 from __future__ import annotations
 
 from concurrent.futures import ProcessPoolExecutor
@@ -96,7 +97,7 @@ def test_shortcut_model_moves_relevance_onto_the_cue(models, eval_set, tmp_path)
         cue_p = b[b["method"] == m]["on_cue"].mean()
         assert cue_s > cue_p, (m, cue_s, cue_p)
     md = (tmp_path / "tables" / "intention.md").read_text()
-    assert "Protocol: specs/evaluation.md §6" in md and "| LRP | pneumonia |" in md
+    assert "Protocol: docs/evaluation.md §6" in md and "| LRP | pneumonia |" in md
     summ = pd.read_csv(tmp_path / "tables" / "intention.csv")
     assert set(summ["class"]) == {"pneumonia", "normal"} and (summ["n"] > 0).all()
 

@@ -1,4 +1,4 @@
-"""Localisation metrics on hand-computed cases (specs/evaluation.md §1-3, §6)."""
+"""Localisation metrics on hand-computed cases (docs/evaluation.md §1-§3, §6)."""
 from __future__ import annotations
 
 import math

@@ -1,4 +1,4 @@
-"""Heatmap colouring and overlays (specs/rap.md §2.13 display convention)."""
+"""Heatmap colouring and overlays (docs/rules.md §2.13 display convention)."""
 from __future__ import annotations
 
 import matplotlib

@@ -16,7 +16,7 @@ from cxr_explain.data.phantom import (FINDINGS, NIH_BBOX_HEADER, NIH_DATA_ENTRY_
 from cxr_explain.data.phantom_lesions import cue_pattern, mask_box
 from cxr_explain.errors import CxrExplainError, DataError
 
-# NIH box-area medians (fraction of the image), data_formats.md §1.1
+# NIH box-area medians (fraction of the image), docs/data_formats.md §1.1
 NIH_MEDIAN_AREA = {"Nodule": 0.0046, "Mass": 0.015, "Atelectasis": 0.019, "Pneumothorax": 0.036,
                    "Effusion": 0.056, "Infiltration": 0.057, "Pneumonia": 0.057, "Cardiomegaly": 0.171}
 

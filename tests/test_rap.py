@@ -1,4 +1,4 @@
-"""RAP (specs/rap.md §2): each rule against an independent matrix-form reference written from the
+"""RAP (docs/rules.md §2): each rule against an independent matrix-form reference written from the
 spec's formulas, and the invariants on full torchvision models in float64."""
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def dense(module: nn.Module, in_shape) -> np.ndarray:
 
 
 def ref_first_step(a, W, b, t):
-    """rap.md §2.2, written out per input unit."""
+    """docs/rules.md §2.2, written out per input unit."""
     w, bt = W[t], b[t]
     c = a * w
     pos, neg = c[c > 0].sum(), c[c < 0].sum()
@@ -59,7 +59,7 @@ def ref_first_step(a, W, b, t):
 
 
 def ref_hidden(M, x, Rout, conv: bool):
-    """rap.md §2.3 pseudocode, one output unit j at a time."""
+    """docs/rules.md §2.3, one output unit j at a time."""
     x = np.maximum(x, 0)
     Mp, Mn = np.maximum(M, 0), np.minimum(M, 0)
     P, N = Mp @ x, -(Mn @ x)
@@ -348,7 +348,7 @@ def _densenet_with_bias_only_activations() -> tuple[nn.Module, torch.Tensor]:
 
 
 def test_rap_conserves_on_densenet_with_bias_only_activations(monkeypatch):
-    """rap.md §2.11 (BN identity in DenseNet): Σ map = logit even where a dense layer's conv outputs
+    """docs/rules.md §2.11 (BN identity in DenseNet): Σ map = logit even where a dense layer's conv outputs
     exactly 0; the authors' BN mask (§2.7) would drop that relevance, as it did on a trained model."""
     import warnings
 

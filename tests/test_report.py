@@ -55,7 +55,7 @@ def test_report_is_self_contained(report, results):
     df = read_results(results / "results.csv")
     n_findings = df[df["gt"] == "box"]["finding"].nunique()
     assert len(imgs) >= n_findings * 4  # gallery rows: X-ray + 3 methods (+ curves, grids)
-    assert "Protocol: paper §1" in text and "<table class='t'>" in text
+    assert "Protocol: docs/evaluation.md §1" in text and "<table class='t'>" in text
     for f in set(df["finding"]):
         assert f"<summary>{f} (" in text
 

@@ -1,4 +1,4 @@
-"""RSP (specs/rap.md §4): the conv rule against a dense-matrix reference, conservation on VGG-16,
+"""RSP (docs/rules.md §4): the conv rule against a dense-matrix reference, conservation on VGG-16,
 and a clear error where RSP is not defined."""
 from __future__ import annotations
 

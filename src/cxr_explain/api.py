@@ -1,6 +1,6 @@
 """The notebook-facing API: load a model, load images, explain, save maps and overlays.
 
-Data flows one way (DESIGN.md): files → data → models → attribution → metrics → report.
+Data flows one way (docs/architecture.md §1): files → data → models → attribution → metrics → report.
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """RSP, Relative Sectional Propagation (Nam et al., AAAI 2021), as the authors' code computes it
-(``specs/rap.md`` §4). Defined for plain convolutional chains (VGG) only.
+(``docs/rules.md`` §4). Defined for plain convolutional chains (VGG) only.
 
 * Start: at the last ReLU before the final max-pool (VGG-16 ``features[29]``), the Grad-CAM-like
   tensor ``T = A ⊙ mean_hw(∂y_t/∂A)`` (channels kept), divided by ``max(T) + 1e-9``; the
@@ -27,7 +27,7 @@ Tensor = torch.Tensor
 
 
 class RspConv(R.Rule):
-    """RSP's hidden convolution rule (rap.md §4)."""
+    """RSP's hidden convolution rule (docs/rules.md §4.2)."""
 
     name = "rsp-conv"
 
@@ -86,7 +86,7 @@ def rsp_start_node(traced: TracedModel) -> LayerNode:
     if kinds & {"add", "cat"}:
         raise CxrExplainError(
             "RSP is defined for plain convolutional chains (VGG) only: the authors' ResNet RSP crashes "
-            "and there is none for DenseNet (specs/rap.md §4); use rap or lrp for this model"
+            "and there is none for DenseNet (docs/rules.md §4.4); use rap or lrp for this model"
         )
     pools = [n for n in traced.relevant_nodes() if n.kind == "maxpool"]
     if not pools:

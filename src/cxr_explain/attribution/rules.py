@@ -1,6 +1,6 @@
 """Relevance rules: one class per rule, each a small piece of data plus a backward formula.
 
-Conventions (``specs/rap.md`` §1): a rule receives the relevance ``R`` at a node's output and returns
+Conventions (``docs/rules.md`` §1): a rule receives the relevance ``R`` at a node's output and returns
 the relevance at each of its tensor inputs. Relevance tensors carry a leading *target* axis:
 ``R`` has shape ``(K, B, *feature_shape)`` for K explained targets of a batch of B images, while the
 stored activations have shape ``(B, *feature_shape)`` and are broadcast over K. So a forward pass and
@@ -111,7 +111,7 @@ class Pass(Rule):
 
 
 class MaskedPass(Rule):
-    """``R_in = R ⊙ [x != 0]``: what the authors' RAP BatchNorm rule reduces to (rap.md §2.7)."""
+    """``R_in = R ⊙ [x != 0]``: what the authors' RAP BatchNorm rule reduces to (docs/rules.md §2.7)."""
 
     name = "masked-pass"
 
@@ -176,7 +176,7 @@ class Proportional(Rule):
     """The z-rule for parameter-free linear ops (average pools, ``+``): ``R_i = x_i Σ_j J_ji R_j / z_j``.
 
     For ``+`` with ``s = a + b``: ``R_a = a·sdiv(R, s)``, ``R_b = b·sdiv(R, s)`` (sign-unaware,
-    rap.md §2.8). Average pools use the pool's transposed map. ``stabilizer`` adds ``ε·sign(z)``
+    docs/rules.md §2.8). Average pools use the pool's transposed map. ``stabilizer`` adds ``ε·sign(z)``
     to the denominator instead of the safe division (zennit's ``Norm``-like behaviour).
     """
 
@@ -386,7 +386,7 @@ class ZRule(Rule):
     ``R_i = Σ_t c_t f_t(x)_i Σ_j g_t(W)_ji s_j``.
 
     ``stabilizer``: ``"safe"`` (safe division, no ε), ``"epsilon"`` (``z + ε·sign(z)``, sign(0)=+1),
-    ``"plus-epsilon"`` (``z + ε``, the authors' zᴮ in LRP, rap.md §3).
+    ``"plus-epsilon"`` (``z + ε``, the authors' zᴮ in LRP, docs/rules.md §3.5).
     Terms whose input modifier is ``neg`` are skipped when the input has no negative entry.
     """
 
@@ -502,7 +502,7 @@ def epsilon(eps: float = 0.25, use_bias: bool = True) -> ZRule:
 
 
 def zbox(stabilizer: str = "safe", eps: float = 0.0) -> ZRule:
-    """zᴮ with the per-sample min ``l`` and max ``h`` of the layer input (rap.md §2.4):
+    """zᴮ with the per-sample min ``l`` and max ``h`` of the layer input (docs/rules.md §2.4):
     ``R_i = Σ_j (x_i W_ji − l W⁺_ji − h W⁻_ji) R_j / Σ_i (…)``, no bias."""
     return ZRule([Term("id", "id"), Term("low", "pos", -1.0), Term("high", "neg", -1.0)],
                  stabilizer, epsilon=eps, name="zB")
@@ -519,12 +519,12 @@ def wsquare() -> ZRule:
 
 
 # --------------------------------------------------------------------------------------------
-# RAP rules (rap.md §2.2 and §2.3)
+# RAP rules (docs/rules.md §2.2 and §2.3)
 # --------------------------------------------------------------------------------------------
 
 
 class RapFirstStep(Rule):
-    """RAP's first step at the last linear layer: absolute influence normalisation (rap.md §2.2).
+    """RAP's first step at the last linear layer: absolute influence normalisation (docs/rules.md §2.2).
 
     For target t with input a, row w = W[t], bias b: ``c_i = a_i w_i``; ``Pos = Σ max(c,0)``,
     ``Neg = Σ min(c,0)``; ``b_pos = b·sdiv(Pos, Pos+Neg)``, ``b_neg = b·sdiv(Neg, Pos+Neg)`` spread over
@@ -578,7 +578,7 @@ class RapFirstStep(Rule):
 
 class RapHidden(Rule):
     """RAP's hidden Linear/Conv rule: relative influence with inhibitory double counting and the
-    uniform shift (rap.md §2.3), positive-input branch (inputs are post-ReLU, the a⁻ branch is 0).
+    uniform shift (docs/rules.md §2.3), positive-input branch (inputs are post-ReLU, the a⁻ branch is 0).
 
     With ``x = a⁺``: ``P_j = Σ_i x_i W⁺_ji``, ``N_j = −Σ_i x_i W⁻_ji`` (computed as ``P − z`` from the
     stored pre-activation ``z``, one extra convolution instead of two), then
@@ -631,7 +631,7 @@ class RapHidden(Rule):
 
 def uniform_shift(C: Tensor, target_sum: Tensor) -> tuple[Tensor, Tensor]:
     """``C_i ← C_i − δ`` on the non-zero entries, ``δ = sdiv(ΣC − target, Γ)``, ``Γ = #(C ≠ 0)``
-    counted per (target, sample) over the whole tensor (rap.md §2.3). Returns (C, Γ); in place."""
+    counted per (target, sample) over the whole tensor (docs/rules.md §2.3). Returns (C, Γ); in place."""
     k, b = C.shape[:2]
     C = C.contiguous()
     flat = C.view(k * b, -1)

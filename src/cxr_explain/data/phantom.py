@@ -3,7 +3,7 @@
 ``render_phantom(index, seed)`` draws one film, deterministic from ``numpy.random.default_rng([seed,
 index])`` (the patient's body from ``default_rng([seed, patient, 1])``, so follow-ups of a patient
 share anatomy). ``generate(out_dir, n)`` writes a dataset in the NIH ChestX-ray14 or the RSNA
-Pneumonia layout, in parallel, resuming where an earlier run stopped. See specs/phantom.md.
+Pneumonia layout, in parallel, resuming where an earlier run stopped. See docs/phantom.md.
 """
 from __future__ import annotations
 

@@ -75,7 +75,7 @@ def plan_lesion(finding: str, side: int, an: Anatomy, rng: np.random.Generator, 
                 size_scale: float) -> LesionPlan:
     """Draw the geometry of one lesion of ``finding`` in the lung of ``side``.
 
-    Sizes are set so that box area / image area is near the NIH medians (data_formats.md §1.1)
+    Sizes are set so that box area / image area is near the NIH medians (docs/data_formats.md §1.1)
     at ``size_scale = 1``; each lesion's contrast is ``PEAK * contrast * U(0.55, 1.15)``.
     """
     peak = PEAK.get(finding, 0.0) * contrast * rng.uniform(0.55, 1.15)

@@ -36,10 +36,12 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParse
     p.add_argument("--no-masks", action="store_true", help="score boxes only, not exact masks")
     p.add_argument("--no-maps", action="store_true", help="do not save heatmaps (no figures / gallery)")
     p.add_argument("--max-images", type=int, default=None, help="only the first N images with ground truth")
-    p.add_argument("--faithfulness", action="store_true", help="deletion/insertion + randomisation check (§4)")
+    p.add_argument("--faithfulness", action="store_true",
+                   help="deletion/insertion + randomisation check (docs/evaluation.md §4)")
     p.add_argument("--faithfulness-images", type=int, default=8, help="images for --faithfulness (default 8)")
     p.add_argument("--intention", default=None, metavar="FINDING",
-                   help="also run the §6 relevance-share analysis for FINDING (e.g. Pneumonia) on all images")
+                   help="also run the relevance-share analysis (docs/evaluation.md §6) for FINDING "
+                        "(e.g. Pneumonia) on the images --split / --max-images select")
     p.add_argument("--no-report", action="store_true", help="skip tables, figures and report.html")
     p.add_argument("--no-progress", action="store_true")
     return p

@@ -1,4 +1,4 @@
-"""Faithfulness and sanity of the evaluated methods (specs/evaluation.md §4) on a subset of images.
+"""Faithfulness and sanity of the evaluated methods (docs/evaluation.md §4) on a subset of images.
 
 * Deletion / insertion (pixel flipping; Samek et al. 2017, Petsiuk et al. 2018): patches of
   ``patch`` pixels (default input_size / 14, i.e. 16 px at 224) ordered by summed relevance,
@@ -125,7 +125,7 @@ def write_faithfulness_tables(out_dir: Path) -> dict[str, Path]:
     (out / TABLES_DIR).mkdir(exist_ok=True)
     st = json.loads((out / "faithfulness.json").read_text()) if (out / "faithfulness.json").is_file() else {}
     fdf = pd.read_csv(out / FAITHFULNESS_NAME, dtype={"image_id": str})
-    prot = (f"Protocol: specs/evaluation.md §4, deletion / insertion (pixel flipping): {st.get('patch', '?')} px "
+    prot = (f"Protocol: docs/evaluation.md §4, deletion / insertion (pixel flipping): {st.get('patch', '?')} px "
             f"patches in order of summed relevance, {st.get('steps', '?')} steps, removed pixels replaced by the "
             f"{st.get('baseline', 'blurred image')}; score = area under the explained logit's curve on [0, 1]; "
             f"mean [bootstrap 95% CI] over {st.get('images', '?')} images. Lower deletion / higher insertion = more faithful.")
@@ -138,7 +138,7 @@ def write_faithfulness_tables(out_dir: Path) -> dict[str, Path]:
     if rp.is_file() and rp.stat().st_size > 1:
         rdf = pd.read_csv(rp, dtype={"image_id": str})
         agg = rdf.groupby(["method", "step", "layer"], sort=False)[["spearman_abs", "ssim_abs"]].mean().reset_index()
-        prot = ("Protocol: specs/evaluation.md §4, cascading model-parameter randomisation (Adebayo et al. 2018): "
+        prot = ("Protocol: docs/evaluation.md §4, cascading model-parameter randomisation (Adebayo et al. 2018): "
                 "layers re-initialised from the output down, cumulatively; Spearman rank correlation and SSIM between "
                 f"|original map| and |map| after each step, mean over {rdf['image_id'].nunique()} image(s). "
                 "A map that stays similar explains the image, not the model.")
@@ -169,7 +169,7 @@ def _plot_randomization(agg: pd.DataFrame, base: Path) -> None:
         ax.set_ylim(-0.2, 1.05)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.suptitle("Cascading randomisation, output layer first (§4)", fontsize=9)
+    fig.suptitle("Cascading randomisation, output layer first (docs/evaluation.md §4)", fontsize=9)
     fig.tight_layout()
     base.parent.mkdir(parents=True, exist_ok=True)
     for ext in (".png", ".pdf"):

@@ -1,4 +1,4 @@
-"""The "inconsistency of intention" analysis (paper Section 3; specs/evaluation.md §6).
+"""The "inconsistency of intention" analysis (paper Section 3; docs/evaluation.md §6).
 
 For a pneumonia model (binary, or any model with a ``Pneumonia`` output), where does the positive
 relevance of the explained logit go? Per image and method, shares of ``sum(max(h, 0))`` (map in
@@ -192,7 +192,7 @@ def write_intention_tables(df: pd.DataFrame, out_dir: str | os.PathLike, model_n
     (out / TABLES_DIR).mkdir(parents=True, exist_ok=True)
     df.to_csv(out / "intention.csv", index=False, lineterminator="\n")
     summ = summarize_intention(df)
-    prot = (f"Protocol: specs/evaluation.md §6 (paper Section 3, inconsistency of intention). Explained output = "
+    prot = (f"Protocol: docs/evaluation.md §6 (paper Section 3, inconsistency of intention). Explained output = "
             f"the {finding} logit on every image; map resized to the original image (bilinear); shares of the positive "
             f"relevance sum(max(h,0)) inside the lesion masks/boxes, in the lungs outside them, outside the lungs, and "
             f"on the planted cue (images with a cue only); mean [bootstrap 95% CI]. Model: {model_name}.")

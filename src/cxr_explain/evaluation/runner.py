@@ -1,7 +1,7 @@
 """``evaluate``: explain every lesion of a dataset with several methods and score the maps.
 
 One row per (image, ground truth, method) goes to ``results.csv`` as it is produced
-(:mod:`.results`). The protocol is the paper's (``specs/evaluation.md`` §1): the explained output is
+(:mod:`.results`). The protocol is the paper's (``docs/evaluation.md`` §1): the explained output is
 the logit of the box's finding whatever the model predicted; the map is resized to the original
 image size (``resize``), negatives set to 0 and divided by its maximum; the region ``h > T`` is
 compared with the box (or exact mask) in original pixel space. The same row carries the
@@ -339,7 +339,8 @@ def evaluate(
                 "masks": use_masks, "model": info, "methods": methods, "dataset": _dataset_info(dataset),
                 "method_settings": {m: configured[m].settings() for m in methods}, "versus": versus,
                 "split_filter": split, "batch_size": batch_size, "device": str(dev), "world_size": world,
-                "protocol": "paper §1 (IoU of h>T vs box in original pixel space) + §2 Otsu/hit + §3 mass/rank/AUPRC"}
+                "protocol": "docs/evaluation.md §1 (IoU of h>T vs box in original pixel space) + §2 Otsu/hit "
+                            "+ §3 mass/rank/AUPRC"}
     if rank == 0:
         settings = _check_run_file(out, settings)
     _barrier(world)

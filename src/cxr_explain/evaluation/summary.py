@@ -60,10 +60,10 @@ def protocol_text(run: dict, subset: str, gt: str, table: str = "iou") -> str:
     where = {"all": "all evaluated images", "test": "images in the test split"}.get(subset, subset)
     gt_txt = "the lesion box rasterised as [y, y+h) x [x, x+w)" if gt == "box" else "the exact lesion mask"
     if table == "metrics":
-        head = ("Protocol: specs/evaluation.md §2 (CheXlocalize: Otsu threshold, hit = arg-max inside the ground "
+        head = ("Protocol: docs/evaluation.md §2 (CheXlocalize: Otsu threshold, hit = arg-max inside the ground "
                 "truth) and §3 (relevance mass, rank accuracy, AUPRC), on maps prepared as in §1. ")
     else:
-        head = "Protocol: paper §1 (RAP paper, Table 2). "
+        head = "Protocol: docs/evaluation.md §1 (RAP paper, Table 2). "
     return (
         head + f"Explained output = the logit of the ground truth's finding "
         f"whatever the prediction; map resized to the original image size ({run.get('resize', 'bilinear')}), "

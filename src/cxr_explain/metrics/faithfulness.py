@@ -1,4 +1,4 @@
-"""Faithfulness and sanity checks of explanations (specs/evaluation.md §4).
+"""Faithfulness and sanity checks of explanations (docs/evaluation.md §4).
 
 Model-agnostic: :func:`deletion_insertion` takes any callable ``f(images (B, C, H, W)) -> scores (B,)``
 (for instance the explained logit), and :func:`randomization_sanity` any

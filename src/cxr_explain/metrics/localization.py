@@ -2,7 +2,7 @@
 
 All functions take a 2-D heatmap ``h`` (numpy array or torch tensor) and a boolean ground-truth
 mask of the same shape (a rasterised box, ``Box.to_mask``, or an exact pixel mask), and are pure.
-Protocols (``specs/evaluation.md``):
+Protocols (``docs/evaluation.md`` §1-§3, §6):
 
 * Paper protocol (RAP paper, Table 2): :func:`normalize_map` (resize to the original image size,
   negatives -> 0, divide by the max), then :func:`iou_at_thresholds` with T in {0.1, ..., 0.5}.

@@ -1,6 +1,6 @@
 """Load the chest X-ray checkpoints users have, strictly, and save our own format.
 
-Formats recognised by :func:`load_checkpoint` (details in ``specs/data_formats.md`` §2):
+Formats recognised by :func:`load_checkpoint` (details in ``docs/data_formats.md`` §2):
 
 * ``arnoweng-chexnet`` — ``{"state_dict": …}`` with ``module.densenet121.`` keys, legacy dense-layer
   names (``norm.1``), head ``classifier.0`` (Linear + Sigmoid) and no ``num_batches_tracked``.

@@ -237,7 +237,7 @@ def iou_curves(results_dir: str | Path, out_path: str | Path, gt: str = "box", s
     for k in range(len(findings), nr * nc):
         axes[k // nc][k % nc].axis("off")
     axes[0][0].legend(fontsize=7)
-    fig.suptitle(f"IoU vs threshold — paper protocol §1, {subset}, ground truth {gt}", fontsize=10)
+    fig.suptitle(f"IoU vs threshold — docs/evaluation.md §1, {subset}, ground truth {gt}", fontsize=10)
     fig.tight_layout()
     base = Path(out_path)
     base.parent.mkdir(parents=True, exist_ok=True)

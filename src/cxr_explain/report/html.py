@@ -191,13 +191,13 @@ def write_report(results_dir: str | os.PathLike, gallery_per_finding: int = 6, t
     extra = sorted(p.stem for p in (d / TABLES_DIR).glob("faithfulness*.md")) + \
         sorted(p.stem for p in (d / TABLES_DIR).glob("randomization*.md"))
     if extra:
-        parts.append("<h2>Faithfulness and sanity (§4)</h2>")
+        parts.append("<h2>Faithfulness and sanity (docs/evaluation.md §4)</h2>")
         parts.append(_section_tables(d, extra))
         for png in sorted((d / FIGURES_DIR).glob("randomization*.png")) + sorted((d / FIGURES_DIR).glob("deletion*.png")):
             parts.append(f"<p><img class='fig' alt='{png.stem}' src='{_file_uri(png)}'></p>")
     intent = sorted(p.stem for p in (d / TABLES_DIR).glob("intention*.md"))
     if intent:
-        parts.append("<h2>Where does the relevance go? (§6)</h2>")
+        parts.append("<h2>Where does the relevance go? (docs/evaluation.md §6)</h2>")
         parts.append(_section_tables(d, intent))
     grid_figs = [(k, v) for k, v in figs.items() if k.startswith("fig")]
     if grid_figs:

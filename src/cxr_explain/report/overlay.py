@@ -1,6 +1,6 @@
 """Heatmap colouring, overlays on the X-ray, and figure grids (the paper's Fig. 3 layout).
 
-Colour convention of the RAP paper (``specs/rap.md`` §2.13): a signed map is divided by ``max|h|``,
+Colour convention of the RAP paper (``docs/rules.md`` §2.13): a signed map is divided by ``max|h|``,
 mapped to [0, 1] with ``(v + 1) / 2`` and coloured with matplotlib's ``seismic`` (red = relevant,
 white = 0, blue = irrelevant / negative). Non-negative maps such as CAM use ``symmetric=False``:
 min-max to [0, 1] and a sequential colormap (``jet`` by default).
