@@ -8,7 +8,7 @@ Per node we keep Σ R at its output (``layer_sums``) and the relevance its rule 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Union
+from typing import Mapping, Optional, Union
 
 import torch
 

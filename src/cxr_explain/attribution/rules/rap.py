@@ -1,0 +1,130 @@
+"""RAP's rules: the first step at the head and the hidden relative-influence rule with the uniform
+shift (docs/rules.md §2.2, §2.3)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ...errors import CxrExplainError
+from .base import Rule, Tensor, merge_kb, per_sample_sum, safe_inverse, sdiv, split_kb
+from .linear import LinearMap, modified_weights
+
+
+class RapFirstStep(Rule):
+    """RAP's first step at the last linear layer: absolute influence normalisation (docs/rules.md §2.2).
+
+    For target t with input a, row w = W[t], bias b: ``c_i = a_i w_i``; ``Pos = Σ max(c,0)``,
+    ``Neg = Σ min(c,0)``; ``b_pos = b·sdiv(Pos, Pos+Neg)``, ``b_neg = b·sdiv(Neg, Pos+Neg)`` spread over
+    ``a_i > 0`` in proportion to ``a⁺_i W⁺_i`` resp. ``a⁺_i W⁻_i``; ``r = c + shares``;
+    ``R_i = |r_i| · Σ r / Σ |r|``. The incoming relevance is a seed per (target, image): a one-hot
+    (RAP starts from 1.0) or a contrast ``e_a − e_b``; each non-zero entry gets its own first step,
+    scaled by the entry, so Σ R = Σ_t s_t · logit_t.
+    """
+
+    name = "rap-first-step"
+
+    def backward(self, step, R):
+        lm = LinearMap(step.node.module, step.node)
+        if lm.is_conv:
+            raise CxrExplainError(f"RAP's first step needs a Linear head; {step.node!r} is a convolution")
+        a = step.x  # (B, D)
+        if a.dim() != 2:
+            raise CxrExplainError(f"RAP's first step expects a (batch, features) input at {step.node!r}")
+        W = lm.weight.detach()
+        bias = lm.bias.detach() if lm.bias is not None else None
+        out = torch.zeros((R.shape[0], *a.shape), dtype=a.dtype, device=a.device)
+        m = int((R != 0).sum(-1).max()) if R.numel() else 0
+        if m == 0:
+            return [out]
+        # one first step per non-zero seed entry (a contrast has two), weighted by the entry
+        idx = R.abs().topk(m, dim=-1).indices  # (K, B, m)
+        for j in range(m):
+            t = idx[..., j]  # (K, B)
+            scale = R.gather(-1, t.unsqueeze(-1)).squeeze(-1)  # (K, B); 0 where a row has fewer entries
+            out = out + self._unit(a, W, bias, t) * scale.unsqueeze(-1)
+        return [out]
+
+    @staticmethod
+    def _unit(a: Tensor, W: Tensor, bias: Optional[Tensor], t: Tensor) -> Tensor:
+        """The normalised first-step relevance (K, B, D) for output unit ``t`` (K, B), Σ = logit_t."""
+        w = W[t]  # (K, B, D)
+        b = bias[t] if bias is not None else torch.zeros(t.shape, dtype=a.dtype, device=a.device)
+        c = a.unsqueeze(0) * w
+        pos = c.clamp(min=0).sum(-1)
+        neg = c.clamp(max=0).sum(-1)
+        b_pos = b * sdiv(pos, pos + neg)
+        b_neg = b * sdiv(neg, pos + neg)
+        ap = a.clamp(min=0).unsqueeze(0)
+        pp = ap * w.clamp(min=0)
+        pn = ap * w.clamp(max=0)
+        shares = pp * sdiv(b_pos, pp.sum(-1)).unsqueeze(-1) + pn * sdiv(b_neg, pn.sum(-1)).unsqueeze(-1)
+        r = c + shares
+        absr = r.abs()
+        return absr * sdiv(r.sum(-1), absr.sum(-1)).unsqueeze(-1)
+
+
+class RapHidden(Rule):
+    """RAP's hidden Linear/Conv rule: relative influence with inhibitory double counting and the
+    uniform shift (docs/rules.md §2.3), positive-input branch (inputs are post-ReLU, the a⁻ branch is 0).
+
+    With ``x = a⁺``: ``P_j = Σ_i x_i W⁺_ji``, ``N_j = −Σ_i x_i W⁻_ji`` (computed as ``P − z`` from the
+    stored pre-activation ``z``, one extra convolution instead of two), then
+
+    * Conv: ``C_i = x_i Σ_j [W⁺_ji R⁺_j/P_j + |W⁻_ji| R⁻_j/N_j + |W⁻_ji| R_j/(P_j+N_j)]``
+    * Linear: ``C_i = x_i Σ_j [W⁺_ji R_j/P_j + |W⁻_ji| R_j/(P_j+N_j)]``
+
+    (safe divisions; the first two terms zeroed where P+N = 0, the last where N = 0); then
+    ``Γ = #{i: C_i ≠ 0}`` per sample over the whole input, ``δ = sdiv(ΣC − ΣR, Γ)``,
+    ``C_i ← C_i − δ`` where ``C_i ≠ 0``.
+    """
+
+    name = "rap-hidden"
+
+    def __init__(self, shift: bool = True):
+        self.shift = shift
+
+    def backward(self, step, R):
+        lm = LinearMap(step.node.module, step.node)
+        signed = not step.x_nonnegative and bool((step.x < 0).any())
+        x = step.x.clamp(min=0) if signed else step.x
+        Wp = modified_weights(step, lm, "pos")
+        P = lm.forward(x, Wp)
+        z = step.output
+        if lm.bias is not None:
+            z = z - lm.bias_shape(z).detach()
+        if signed:
+            # signed input: z is not P − N any more; compute N directly
+            N = -lm.forward(x, modified_weights(step, lm, "neg"))
+        else:
+            N = (P - z).clamp(min=0)
+        # P, N ≥ 0, so P ≠ 0 or N ≠ 0 already implies P + N ≠ 0: the spec's extra masks are implied.
+        inv_p = safe_inverse(P)
+        inv_pn = safe_inverse(P + N).masked_fill_(N == 0, 0)  # the last term is zero where N = 0
+        if lm.is_conv:
+            s_pos = R.clamp(min=0) * inv_p
+            s_neg = R.clamp(max=0) * safe_inverse(N) + R * inv_pn
+        else:
+            s_pos = R * inv_p
+            s_neg = R * inv_pn
+        k = R.shape[0]
+        g = lm.transpose(merge_kb(s_pos), Wp, x.shape[1:])
+        g = g + lm.transpose(merge_kb(s_neg), modified_weights(step, lm, "negabs"), x.shape[1:])
+        C = x.unsqueeze(0) * split_kb(g, k)
+        if self.shift:
+            C, gamma = uniform_shift(C, per_sample_sum(R))
+            step.leak = per_sample_sum(R) * (gamma == 0)  # all of R is lost only where nothing is active
+        return [C]
+
+
+def uniform_shift(C: Tensor, target_sum: Tensor) -> tuple[Tensor, Tensor]:
+    """``C_i ← C_i − δ`` on the non-zero entries, ``δ = sdiv(ΣC − target, Γ)``, ``Γ = #(C ≠ 0)``
+    counted per (target, sample) over the whole tensor (docs/rules.md §2.3). Returns (C, Γ); in place."""
+    k, b = C.shape[:2]
+    C = C.contiguous()
+    flat = C.view(k * b, -1)
+    nz = flat != 0
+    gamma = nz.sum(1).view(k, b)
+    delta = sdiv(per_sample_sum(C) - target_sum, gamma.to(C.dtype))
+    flat.sub_(nz * delta.view(k * b, 1))
+    return C, gamma
