@@ -2,6 +2,9 @@
 spec's formulas, and the invariants on full torchvision models in float64."""
 from __future__ import annotations
 
+import copy
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -364,3 +367,32 @@ def test_rap_conserves_on_densenet_with_bias_only_activations(monkeypatch):
         masked = [explain(m, x, method="rap", target=t) for t in range(3)]
     lost = max(abs(float(e.maps.sum()) - float(e.explained[0])) / abs(float(e.explained[0])) for e in masked)
     assert lost > 1e-3 and any("norm" in str(w.message) for w in caught)
+
+
+def test_rap_conserves_through_all_zero_max_pool_windows_on_densenet(models64):
+    """DenseNet's stem: relu0 is 0 on some channels, so every pool0 window there is 0, and
+    denselayer1.norm1's bias makes those inputs active. The authors' max-pool z-rule (0/0 = 0) drops
+    the relevance that comes back to them; RAP sends it to the window's arg-max and conserves."""
+    from cxr_explain.attribution.methods.rap import Rap
+    from cxr_explain.attribution.rules import WinnerTakesAll
+
+    model = copy.deepcopy(models64("densenet121"))
+    with torch.no_grad():
+        model.features.norm0.bias[:8] = -100.0
+        bn = model.features.denseblock1.denselayer1.norm1
+        bn.bias[:8], bn.running_mean[:8] = 1.0, 0.0
+    x = images(2, 64, seed=11, dtype=F64)
+    e = explain(model, x, "rap", target=[[0, 3], [5, 1]])
+    assert float(e.conservation_error.max()) < 1e-8
+    dropping = Rap.rules
+
+    def authors_pool(self):
+        rules = dropping(self)
+        rules["maxpool"] = WinnerTakesAll()
+        return rules
+
+    with pytest.MonkeyPatch.context() as mp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mp.setattr(Rap, "rules", authors_pool)
+        lost = explain(model, x, "rap", target=[[0, 3], [5, 1]])
+    assert float(lost.conservation_error.max()) > 1e-3

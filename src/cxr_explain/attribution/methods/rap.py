@@ -16,7 +16,9 @@ from .propagation import PropagationMethod, structural_rules
 class Rap(PropagationMethod):
     """First step with absolute influence normalisation at the head, the relative-influence hidden
     rule with the uniform shift, zᴮ (safe division) on the first layer, BatchNorm masked
-    pass-through (plain pass-through in DenseNet, :meth:`graph_rules`), pools and ``+`` proportional."""
+    pass-through (plain pass-through in DenseNet, :meth:`graph_rules`), pools and ``+`` proportional.
+    Max-pools send the relevance of all-zero windows to the arg-max (DenseNet's stem: pool0 outputs
+    equal to 0 that norm1's bias makes active; the authors' 0/0 = 0 lost it — identical elsewhere)."""
 
     name = "rap"
     description = "Relative Attributing Propagation (Nam et al. 2020), the authors' rules; Σ map = logit"
@@ -25,7 +27,8 @@ class Rap(PropagationMethod):
 
     def rules(self):
         hidden = R.RapHidden(shift=self.shift)
-        rules = structural_rules(conv=hidden, linear=hidden, batchnorm=R.MaskedPass())
+        rules = structural_rules(conv=hidden, linear=hidden, batchnorm=R.MaskedPass(),
+                                 maxpool=R.WinnerTakesAll(zero_windows="argmax"))
         rules[("linear", "head")] = R.RapFirstStep()
         rules[("conv", "first")] = R.zbox("safe")
         rules[("linear", "first")] = R.zbox("safe")

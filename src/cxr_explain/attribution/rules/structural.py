@@ -62,9 +62,21 @@ class WinnerTakesAll(Rule):
 
     ``R_in = x ⊙ Jᵀ sdiv(R, z)`` with ``z`` the pool output; at the arg-max ``x = z`` so this is a
     scatter of ``R·[z != 0]`` to the arg-max positions (overlapping windows accumulate).
+    ``zero_windows="argmax"``: relevance that reaches an all-zero window (z = 0, the z-rule's 0/0)
+    goes to its arg-max too instead of being dropped. Relevance reaches such a window only when the
+    next layer makes a zero input active (a BatchNorm bias before the next convolution, DenseNet's
+    norm1); where a convolution reads the pool directly (VGG, ResNet) none does, so both choices agree.
     """
 
     name = "winner-takes-all"
+
+    def __init__(self, zero_windows: str = "drop"):
+        if zero_windows not in ("drop", "argmax"):
+            raise ValueError(f"zero_windows={zero_windows!r}: use 'drop' or 'argmax'")
+        self.zero_windows = zero_windows
+
+    def __repr__(self) -> str:
+        return f"WinnerTakesAll(zero_windows={self.zero_windows!r})"
 
     def backward(self, step, R):
         idx = step.record.pool_indices.get(step.node.name)
@@ -73,7 +85,7 @@ class WinnerTakesAll(Rule):
         k = R.shape[0]
         x = step.x
         params = _pool_params(step.node, x)
-        g = merge_kb(R * (step.output != 0))
+        g = merge_kb(R if self.zero_windows == "argmax" else R * (step.output != 0))
         idx_k = idx.repeat(k, *([1] * (idx.dim() - 1)))
         big = x.new_empty((k * x.shape[0], *x.shape[1:]))
         out = torch.ops.aten.max_pool2d_with_indices_backward(
