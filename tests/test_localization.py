@@ -331,3 +331,66 @@ def test_bootstrap_large_input_in_chunks():
     v = np.random.default_rng(0).random(50_000)  # forces several chunks
     mean, lo, hi = bootstrap_mean_ci(v, n_boot=300, seed=0)
     assert lo < mean < hi and hi - lo < 0.02
+
+
+# ---------------------------------------------------------------- same numbers as the hand-written version
+def _fixed_cases():
+    """(raw map, gt mask, localization_scores options): the maps the rewrite must score as before."""
+    rng = np.random.default_rng(2024)
+    size = (96, 112)
+    cases = []
+    for i in range(12):  # CAM-like, LRP-like (sparse, heavy-tailed), full-resolution, float64
+        raw = [rng.normal(size=(4, 4)), rng.normal(size=(12, 14)),
+               rng.standard_t(2, size=(48, 56)) * (rng.random((48, 56)) < 0.3),
+               rng.normal(size=size)][i % 4]
+        raw = raw.astype(np.float64 if i >= 8 else np.float32)
+        y, x = rng.integers(0, 80), rng.integers(0, 90)
+        gt = box_mask(y, y + int(rng.integers(1, 40)), x, x + int(rng.integers(1, 40)), shape=size)
+        cases.append((raw, gt, {}))
+    plateau = np.round(rng.random(size) * 4) / 4  # few distinct values: ties at every threshold and rank
+    cases += [
+        (plateau, box_mask(10, 60, 20, 70, size), {}),
+        (plateau, box_mask(10, 60, 20, 70, size), {"scaling": "minmax", "empty_region": "nan"}),
+        (rng.normal(size=(8, 8)), box_mask(0, 96, 0, 112, size), {}),  # gt = every pixel
+        (rng.normal(size=(8, 8)), box_mask(50, 51, 60, 61, size), {}),  # one-pixel gt
+        (rng.normal(size=(8, 8)), box_mask(0, 0, 0, 0, size), {}),  # empty gt: NaN
+        (-np.ones((8, 8)), box_mask(0, 30, 0, 30, size), {}),  # nothing positive: all-zero map
+        (np.full((8, 8), 3.0), box_mask(0, 30, 0, 30, size), {}),  # constant positive map
+        (rng.normal(size=(8, 8)), box_mask(5, 40, 5, 40, size),
+         {"thresholds": (0.0, 0.05, 0.5, 0.95, 1.0), "empty_region": "nan", "resize": "nearest"}),
+    ]
+    return cases
+
+
+@pytest.mark.parametrize("case", range(len(_fixed_cases())))
+def test_localization_scores_equal_the_hand_written_reference(case):
+    import localization_reference as old  # the implementation before the rewrite, frozen in tests/
+
+    raw, gt, kw = _fixed_cases()[case]
+    new_row = localization_scores(raw, gt, **kw)
+    old_row = old.localization_scores(raw, gt, **kw)
+    assert list(new_row) == list(old_row)
+    exact = [k for k in new_row if k.startswith("iou@")] + ["hit", "rank_acc"]
+    np.testing.assert_array_equal([new_row[k] for k in exact], [old_row[k] for k in exact])
+    np.testing.assert_allclose([new_row["mass"], new_row["auprc"]], [old_row["mass"], old_row["auprc"]],
+                               rtol=0, atol=1e-12)
+    hn = normalize_map(raw, resize_to=gt.shape, mode=kw.get("resize", "bilinear"), scaling=kw.get("scaling", "clip"))
+    if hn.min() < hn.max():
+        width = (hn.max() - hn.min()) / 256
+        assert abs(new_row["otsu_t"] - old_row["otsu_t"]) <= width + 1e-7
+
+
+@pytest.mark.parametrize("case", range(0, len(_fixed_cases()), 3))
+def test_metric_functions_on_signed_maps_equal_the_reference(case):
+    """The public functions also take raw, signed maps (negatives are no evidence for rank/mass/hit)."""
+    import localization_reference as old
+
+    raw, gt, _ = _fixed_cases()[case]
+    h = normalize_map(raw, resize_to=gt.shape, scaling="minmax") - 0.25  # a quarter of the range negative
+    t = (-0.1, 0.0, 0.1, 0.3, 0.7)
+    np.testing.assert_array_equal(iou_at_thresholds(h, gt, t), old.iou_at_thresholds(h, gt, t))
+    np.testing.assert_array_equal(iou_at_thresholds(h, gt, t, "nan"), old.iou_at_thresholds(h, gt, t, "nan"))
+    for new_fn, old_fn in [(hit, old.hit), (rank_accuracy, old.rank_accuracy)]:
+        np.testing.assert_array_equal(new_fn(h, gt), old_fn(h, gt))
+    for new_fn, old_fn in [(relevance_mass, old.relevance_mass), (auprc, old.auprc)]:
+        np.testing.assert_allclose(new_fn(h, gt), old_fn(h, gt), rtol=0, atol=1e-12)
