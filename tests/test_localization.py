@@ -215,20 +215,40 @@ def test_localization_scores_resizes_to_original_size():
 
 
 # ---------------------------------------------------------------- Otsu
-@pytest.mark.parametrize("seed", [0, 1, 2, 3])
-def test_otsu_matches_skimage_within_one_bin(seed):
-    rng = np.random.default_rng(seed)
-    h = np.concatenate([rng.normal(0.2, 0.05, 3000), rng.normal(0.7, 0.1, 1000 + 500 * seed)])
-    h = normalize_map(np.clip(h, 0, None).reshape(-1, 50))
-    width = (h.max() - h.min()) / 256
-    assert abs(otsu_threshold(h) - threshold_otsu(h)) <= width + 1e-9
-    assert 0.3 < otsu_threshold(h) < 0.6
+def _otsu_maps():
+    """Bimodal, CAM-like (float32, ties), float64, integer-valued, and values sitting on bin edges."""
+    rng = np.random.default_rng(0)
+    maps = []
+    for seed in range(4):
+        h = np.concatenate([rng.normal(0.2, 0.05, 3000), rng.normal(0.7, 0.1, 1000 + 500 * seed)])
+        maps.append(normalize_map(np.clip(h, 0, None).reshape(-1, 50)))
+    maps.append(normalize_map(rng.random((7, 7)) ** 3, resize_to=(128, 128)))
+    maps.append(normalize_map(rng.normal(size=(4, 4)), resize_to=(200, 150)))  # about half exactly 0
+    maps.append(rng.normal(size=(64, 64)))  # float64, signed
+    maps.append(rng.integers(0, 5, size=(30, 30)))  # integers -> float32 values 0..4
+    edges = np.linspace(0, 1, 257, dtype=np.float32)
+    maps.append(np.concatenate([edges, edges[::3], np.float32([0.5] * 40)]).reshape(1, -1))  # on the edges
+    return maps
 
 
-def test_otsu_on_normalised_cam_like_map():
-    rng = np.random.default_rng(7)
-    h = normalize_map(rng.random((7, 7)) ** 3, resize_to=(128, 128))
-    assert abs(otsu_threshold(h) - threshold_otsu(h)) <= 1 / 256 + 1e-9
+@pytest.mark.parametrize("i", range(len(_otsu_maps())))
+def test_otsu_is_exactly_skimage(i):
+    h = _otsu_maps()[i]
+    ref = h.astype(np.float32) if h.dtype.kind in "iub" else h  # integer maps are scored as float32
+    assert otsu_threshold(h) == float(threshold_otsu(ref))
+    assert otsu_threshold(torch.from_numpy(np.ascontiguousarray(h))) == float(threshold_otsu(ref))
+    assert otsu_threshold(h, nbins=32) == float(threshold_otsu(ref, nbins=32))
+    if i < 4:
+        assert 0.3 < otsu_threshold(h) < 0.6
+
+
+def test_otsu_edge_cases():
+    assert otsu_threshold(np.full((4, 4), 0.5)) == 0.5  # constant: its value, so h > t is empty
+    assert otsu_threshold(np.zeros((3, 3))) == 0.0
+    assert math.isnan(otsu_iou(np.zeros((3, 3)), np.zeros((3, 3), bool)))  # empty ground truth
+    assert otsu_iou(np.zeros((3, 3)), np.eye(3, dtype=bool)) == 0.0  # all-zero map: empty region
+    with pytest.raises(CxrExplainError, match="empty heatmap"):
+        otsu_threshold(np.zeros((0, 5)))
 
 
 def test_otsu_iou_separates_two_levels():
@@ -375,9 +395,13 @@ def test_localization_scores_equal_the_hand_written_reference(case):
     np.testing.assert_allclose([new_row["mass"], new_row["auprc"]], [old_row["mass"], old_row["auprc"]],
                                rtol=0, atol=1e-12)
     hn = normalize_map(raw, resize_to=gt.shape, mode=kw.get("resize", "bilinear"), scaling=kw.get("scaling", "clip"))
+    # Otsu is scikit-image's (the old histogram was float64, so it could differ by up to one bin)
+    t = float(threshold_otsu(hn))
+    assert new_row["otsu_t"] == t
+    np.testing.assert_array_equal(new_row["iou_otsu"],
+                                  old.iou_at_thresholds(hn, gt, (t,), kw.get("empty_region", "zero"))[0])
     if hn.min() < hn.max():
-        width = (hn.max() - hn.min()) / 256
-        assert abs(new_row["otsu_t"] - old_row["otsu_t"]) <= width + 1e-7
+        assert abs(new_row["otsu_t"] - old_row["otsu_t"]) <= (hn.max() - hn.min()) / 256 + 1e-7
 
 
 @pytest.mark.parametrize("case", range(0, len(_fixed_cases()), 3))

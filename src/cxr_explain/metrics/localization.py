@@ -24,6 +24,7 @@ from typing import Sequence, Union
 import numpy as np
 import torch
 import torch.nn.functional as F
+from skimage.filters import threshold_otsu
 
 from cxr_explain.errors import CxrExplainError
 
@@ -139,28 +140,17 @@ def iou_at_thresholds(
 
 
 def otsu_threshold(h_norm: ArrayLike, nbins: int = 256) -> float:
-    """Otsu's threshold on a ``nbins``-bin histogram of the map's values (over [min, max]).
+    """Otsu's threshold of the map's values: ``skimage.filters.threshold_otsu(h, nbins)``.
 
-    Picks the bin boundary that maximises the between-class variance
-    ``w0(t) w1(t) (mu0(t) - mu1(t))^2`` and returns the centre of the last bin of the lower class
-    (so the mask is ``h > t``), as CheXlocalize does. A constant map returns its value.
+    scikit-image histograms the values in ``nbins`` equal bins over [min, max], picks the split that
+    maximises the between-class variance ``w0 w1 (mu0 - mu1)^2`` and returns the centre of the last
+    bin of the lower class, so the mask is ``h > t`` (CheXlocalize's convention). A constant map
+    returns its value (its mask ``h > t`` is empty); an empty map raises :class:`CxrExplainError`.
     """
-    a = _as_2d(h_norm).astype(np.float64, copy=False).ravel()
-    lo, hi = float(a.min()), float(a.max())
-    if not hi > lo:
-        return lo
-    counts, edges = np.histogram(a, bins=nbins, range=(lo, hi))
-    centres = (edges[:-1] + edges[1:]) / 2
-    counts = counts.astype(np.float64)
-    w0 = np.cumsum(counts)[:-1]  # class 0 = bins 0..k
-    s0 = np.cumsum(counts * centres)[:-1]
-    total_w, total_s = counts.sum(), (counts * centres).sum()
-    w1 = total_w - w0
-    s1 = total_s - s0
-    with np.errstate(divide="ignore", invalid="ignore"):
-        between = w0 * w1 * (s0 / w0 - s1 / w1) ** 2
-    between = np.where((w0 > 0) & (w1 > 0), between, -1.0)
-    return float(centres[int(np.argmax(between))])
+    a = _as_2d(h_norm)
+    if a.size == 0:
+        raise CxrExplainError("Otsu's threshold of an empty heatmap is undefined; pass a map with pixels")
+    return float(threshold_otsu(a, nbins=nbins))
 
 
 def otsu_iou(h_norm: ArrayLike, gt_mask: ArrayLike, empty_region: str = "zero") -> float:
