@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from skimage.filters import threshold_otsu
+from sklearn.metrics import average_precision_score
 
 from cxr_explain.errors import CxrExplainError
 
@@ -216,28 +217,16 @@ def rank_accuracy(h: ArrayLike, gt_mask: ArrayLike) -> float:
 
 
 def auprc(h: ArrayLike, gt_mask: ArrayLike) -> float:
-    """Average precision of the map as a pixel-wise detector of the ground truth (exact).
+    """Average precision of the map as a pixel-wise detector of the ground truth (Arun et al. 2021).
 
-    ``AP = sum_n (R_n - R_{n-1}) P_n`` over the distinct values of ``h`` taken as thresholds in
-    decreasing order (the step-wise definition of sklearn's ``average_precision_score``;
-    Arun et al. 2021). Recall only moves at values held by ground-truth pixels, so
-    ``AP = sum_u (#gt pixels == u / |gt|) * (#gt pixels >= u) / (#pixels >= u)`` over those values
-    ``u``, from one sort of the map and one of the gt pixels. NaN if the ground truth is empty.
+    ``sklearn.metrics.average_precision_score(gt, h)`` over all pixels: ``AP = sum_n (R_n - R_{n-1}) P_n``
+    with the distinct values of ``h`` as thresholds in decreasing order. NaN if the ground truth is empty.
     """
     a = _as_2d(h)
     gt = _as_mask(gt_mask, a.shape)
-    n_pos = int(gt.sum())
-    if n_pos == 0:
+    if not gt.any():
         return float("nan")
-    s_all = np.sort(a, axis=None)
-    s_pos = np.sort(a[gt], axis=None)
-    last = np.flatnonzero(np.r_[s_pos[1:] != s_pos[:-1], True])  # end of each run of equal values
-    u = s_pos[last]
-    first = np.r_[0, last[:-1] + 1]
-    count_u = (last - first + 1).astype(np.float64)
-    tp = (n_pos - first).astype(np.float64)  # gt pixels >= u
-    selected = (s_all.size - np.searchsorted(s_all, u, side="left")).astype(np.float64)
-    return float(np.sum(count_u / n_pos * tp / selected))
+    return float(average_precision_score(gt.ravel(), a.ravel()))
 
 
 def region_shares(
