@@ -34,7 +34,7 @@ def make_maps(n: int, size: int, seed: int = 0) -> list[tuple[np.ndarray, np.nda
         else:
             raw = rng.normal(size=(size, size))
         raw = raw.astype(np.float32)
-        bw, bh = rng.integers(40, 500, size=2)
+        bw, bh = rng.integers(min(40, size // 4), min(500, size // 2), size=2)
         x, y = rng.integers(0, size - bw), rng.integers(0, size - bh)
         gt = np.zeros((size, size), dtype=bool)
         gt[y:y + bh, x:x + bw] = True
@@ -72,8 +72,8 @@ def main() -> None:
         ("rank_accuracy", L.rank_accuracy, normed),
         ("auprc", L.auprc, normed),
     ]
-    if hasattr(L, "SortedMap"):
-        cases.append(("SortedMap (the shared sort)", L.SortedMap, normed))
+    if hasattr(L, "SortedHeatmap"):
+        cases.append(("SortedHeatmap (the shared sort)", L.SortedHeatmap, normed))
     cases.append(("localization_scores (all of the above, raw map)", L.localization_scores, data))
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"\nlocalisation metrics, {a.n} maps at {a.size}x{a.size}, best of {a.repeat}; "

@@ -24,6 +24,7 @@ from cxr_explain.metrics.localization import (
     rank_accuracy,
     region_shares,
     relevance_mass,
+    SortedHeatmap,
 )
 
 
@@ -418,3 +419,21 @@ def test_metric_functions_on_signed_maps_equal_the_reference(case):
         np.testing.assert_array_equal(new_fn(h, gt), old_fn(h, gt))
     for new_fn, old_fn in [(relevance_mass, old.relevance_mass), (auprc, old.auprc)]:
         np.testing.assert_allclose(new_fn(h, gt), old_fn(h, gt), rtol=0, atol=1e-12)
+
+
+def test_sorted_heatmap_counts_and_errors():
+    h = np.array([[0.5, 0.1, 0.9], [0.5, 0.0, 0.3]], dtype=np.float32)
+    gt = np.array([[1, 0, 1], [0, 0, 0]], dtype=bool)
+    sm = SortedHeatmap(h, gt)
+    np.testing.assert_array_equal(sm.values, np.sort(h, axis=None))
+    np.testing.assert_array_equal(sm.inside, np.float32([0.5, 0.9]))
+    # T = 0.3: region {0.5, 0.9, 0.5} (0.3 is not > 0.3), inside {0.5, 0.9}: IoU 2 / 3
+    np.testing.assert_array_equal(sm.iou((0.3, 0.9)), [2 / 3, 0.0])
+    assert np.isnan(sm.iou((0.9,), "nan")[0])
+    assert sm.rank_accuracy() == 1.5 / 2  # top 2 = 0.9 (in) + one of two tied 0.5 (one in): 1 + 1/2
+    with pytest.raises(CxrExplainError, match="without a ground-truth mask"):
+        SortedHeatmap(h).iou()
+    with pytest.raises(CxrExplainError, match="inf/NaN"):
+        SortedHeatmap(np.array([[0.0, np.nan]]))
+    with pytest.raises(CxrExplainError, match="empty_region"):
+        sm.iou(empty_region="drop")
