@@ -348,6 +348,18 @@ def test_bootstrap_ci_brackets_mean_and_drops_nan():
     assert bootstrap_mean_ci([0.25]) == (0.25, 0.25, 0.25)
 
 
+def test_bootstrap_is_the_percentile_interval_of_seeded_resamples():
+    v = np.random.default_rng(8).normal(size=60)
+    idx = np.random.default_rng(3).integers(0, 60, size=(500, 60))  # the draws default_rng(3) makes
+    lo, hi = np.quantile(v[idx].mean(axis=1), [0.05, 0.95])
+    mean, got_lo, got_hi = bootstrap_mean_ci(v, n_boot=500, seed=3, ci=0.9)
+    assert mean == v.mean()
+    assert got_lo == pytest.approx(lo, abs=1e-12) and got_hi == pytest.approx(hi, abs=1e-12)
+    assert bootstrap_mean_ci(np.full(7, 0.5)) == (0.5, 0.5, 0.5)  # constant: a point interval
+    with pytest.raises(CxrExplainError, match="ci must lie"):
+        bootstrap_mean_ci(v, ci=95)
+
+
 def test_bootstrap_large_input_in_chunks():
     v = np.random.default_rng(0).random(50_000)  # forces several chunks
     mean, lo, hi = bootstrap_mean_ci(v, n_boot=300, seed=0)

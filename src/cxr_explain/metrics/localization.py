@@ -25,6 +25,7 @@ from typing import Sequence, Union
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import stats
 from skimage.filters import threshold_otsu
 from sklearn.metrics import average_precision_score
 
@@ -378,9 +379,10 @@ def bootstrap_mean_ci(
 ) -> tuple[float, float, float]:
     """The mean and a percentile-bootstrap confidence interval ``(mean, low, high)``.
 
-    NaNs are dropped; ``n_boot`` resamples with replacement (``numpy.random.default_rng(seed)``),
-    the interval is the ``(1-ci)/2`` and ``(1+ci)/2`` quantiles of the resampled means. Vectorised
-    in chunks of at most ~4M drawn indices. No values -> ``(nan, nan, nan)``.
+    NaNs are dropped; the interval is ``scipy.stats.bootstrap(method="percentile")`` of the mean:
+    ``n_boot`` resamples with replacement drawn by ``numpy.random.default_rng(seed)``, the
+    ``(1-ci)/2`` and ``(1+ci)/2`` quantiles of the resampled means, in batches of at most ~4M drawn
+    indices. No values -> ``(nan, nan, nan)``; one value ``v`` -> ``(v, v, v)``.
     """
     if isinstance(values, torch.Tensor):
         values = values.detach().cpu().numpy()
@@ -391,12 +393,8 @@ def bootstrap_mean_ci(
         return (float("nan"),) * 3
     if not 0 < ci < 1:
         raise CxrExplainError(f"ci must lie in (0, 1), got {ci}")
-    rng = np.random.default_rng(seed)
-    chunk = max(1, (1 << 22) // n)
-    means = np.empty(n_boot)
-    for start in range(0, n_boot, chunk):
-        stop = min(n_boot, start + chunk)
-        idx = rng.integers(0, n, size=(stop - start, n))
-        means[start:stop] = v[idx].mean(axis=1)
-    lo, hi = np.quantile(means, [(1 - ci) / 2, (1 + ci) / 2])
-    return float(v.mean()), float(lo), float(hi)
+    if n == 1:  # every resample is the one value (scipy needs two)
+        return (float(v[0]),) * 3
+    res = stats.bootstrap((v,), np.mean, n_resamples=n_boot, batch=max(1, (1 << 22) // n), vectorized=True,
+                          confidence_level=ci, method="percentile", rng=np.random.default_rng(seed))
+    return float(v.mean()), float(res.confidence_interval.low), float(res.confidence_interval.high)
