@@ -6,6 +6,7 @@ from collections import OrderedDict
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 from skimage.metrics import structural_similarity
 from torch import nn
 
@@ -15,7 +16,6 @@ from cxr_explain.metrics.faithfulness import (
     make_baseline,
     patch_order,
     randomization_sanity,
-    ssim,
 )
 
 H = W = 32
@@ -131,6 +131,15 @@ def test_baselines():
         make_baseline(img, "noise", 5.0)
 
 
+@pytest.mark.parametrize("sigma,size", [(2.0, (24, 30)), (1.5, (16, 16)), (5.0, (9, 12))])
+def test_blur_baseline_is_a_gaussian_with_reflected_borders(sigma, size):
+    img = torch.rand(2, *size, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    r = min(int(np.ceil(3 * sigma)), min(size) - 1)  # (5.0, 9 px): the radius shrinks to 8
+    want = ndimage.gaussian_filter(img.numpy(), sigma=(0, sigma, sigma), mode="mirror", truncate=r / sigma)
+    np.testing.assert_allclose(make_baseline(img, "blur", sigma).numpy(), want, rtol=0, atol=1e-12)
+    torch.testing.assert_close(make_baseline(img, "blur", 0.0), img)
+
+
 def test_heatmap_of_other_size_is_resized(image):
     small = np.zeros((4, 4))
     small[0, 1] = 1.0  # the 8x8 cell that is REGION
@@ -146,12 +155,36 @@ def test_bad_inputs_raise(image):
 
 
 # ---------------------------------------------------------------- SSIM / randomisation
-def test_ssim_matches_skimage():
+def _ssim_reference(a: np.ndarray, b: np.ndarray, win: int = 7) -> float:
+    """Wang et al. 2004 with skimage's defaults, written out: uniform 7x7 window, sample covariances,
+    K1 = 0.01, K2 = 0.03, data range 1, mean over the image cropped by (win - 1) / 2."""
+    f = lambda x: ndimage.uniform_filter(x, size=win)  # noqa: E731
+    cov = win * win / (win * win - 1)
+    ua, ub = f(a), f(b)
+    vaa, vbb, vab = cov * (f(a * a) - ua * ua), cov * (f(b * b) - ub * ub), cov * (f(a * b) - ua * ub)
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    s = (2 * ua * ub + c1) * (2 * vab + c2) / ((ua ** 2 + ub ** 2 + c1) * (vaa + vbb + c2))
+    p = (win - 1) // 2
+    return float(s[p:-p, p:-p].mean())
+
+
+def _minmax(a):
+    return (a - a.min()) / (a.max() - a.min())
+
+
+def test_ssim_of_the_sanity_check_is_skimage_on_minmax_maps():
     rng = np.random.default_rng(0)
-    a = rng.random((40, 33))
-    b = np.clip(a + 0.4 * rng.normal(size=a.shape), 0, 1)
-    assert ssim(a, b) == pytest.approx(structural_similarity(a, b, data_range=1.0), abs=1e-12)
-    assert ssim(a, a) == pytest.approx(1.0)
+    a = rng.normal(size=(40, 33))
+    b = a + 0.8 * rng.normal(size=a.shape)
+    calls = iter([a, b])
+    df = randomization_sanity(lambda m, x: next(calls), tiny_net(), torch.rand(1, 8, 8), ["fc"])
+    want = structural_similarity(_minmax(a), _minmax(b), data_range=1.0)
+    assert df["ssim"].iloc[1] == want and df["ssim"].iloc[0] == 1.0
+    assert want == pytest.approx(_ssim_reference(_minmax(a), _minmax(b)), abs=1e-12)
+    assert df["ssim_abs"].iloc[1] == structural_similarity(_minmax(abs(a)), _minmax(abs(b)), data_range=1.0)
+    calls = iter([a[:6, :20], b[:6, :20]])  # smaller than the 7x7 window: SSIM undefined
+    df = randomization_sanity(lambda m, x: next(calls), tiny_net(), torch.rand(1, 8, 8), ["fc"])
+    assert df[["ssim", "ssim_abs"]].isna().all().all() and df["spearman"].notna().all()
 
 
 def tiny_net() -> nn.Module:

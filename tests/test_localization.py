@@ -24,6 +24,7 @@ from cxr_explain.metrics.localization import (
     rank_accuracy,
     region_shares,
     relevance_mass,
+    SortedHeatmap,
 )
 
 
@@ -215,20 +216,40 @@ def test_localization_scores_resizes_to_original_size():
 
 
 # ---------------------------------------------------------------- Otsu
-@pytest.mark.parametrize("seed", [0, 1, 2, 3])
-def test_otsu_matches_skimage_within_one_bin(seed):
-    rng = np.random.default_rng(seed)
-    h = np.concatenate([rng.normal(0.2, 0.05, 3000), rng.normal(0.7, 0.1, 1000 + 500 * seed)])
-    h = normalize_map(np.clip(h, 0, None).reshape(-1, 50))
-    width = (h.max() - h.min()) / 256
-    assert abs(otsu_threshold(h) - threshold_otsu(h)) <= width + 1e-9
-    assert 0.3 < otsu_threshold(h) < 0.6
+def _otsu_maps():
+    """Bimodal, CAM-like (float32, ties), float64, integer-valued, and values sitting on bin edges."""
+    rng = np.random.default_rng(0)
+    maps = []
+    for seed in range(4):
+        h = np.concatenate([rng.normal(0.2, 0.05, 3000), rng.normal(0.7, 0.1, 1000 + 500 * seed)])
+        maps.append(normalize_map(np.clip(h, 0, None).reshape(-1, 50)))
+    maps.append(normalize_map(rng.random((7, 7)) ** 3, resize_to=(128, 128)))
+    maps.append(normalize_map(rng.normal(size=(4, 4)), resize_to=(200, 150)))  # about half exactly 0
+    maps.append(rng.normal(size=(64, 64)))  # float64, signed
+    maps.append(rng.integers(0, 5, size=(30, 30)))  # integers -> float32 values 0..4
+    edges = np.linspace(0, 1, 257, dtype=np.float32)
+    maps.append(np.concatenate([edges, edges[::3], np.float32([0.5] * 40)]).reshape(1, -1))  # on the edges
+    return maps
 
 
-def test_otsu_on_normalised_cam_like_map():
-    rng = np.random.default_rng(7)
-    h = normalize_map(rng.random((7, 7)) ** 3, resize_to=(128, 128))
-    assert abs(otsu_threshold(h) - threshold_otsu(h)) <= 1 / 256 + 1e-9
+@pytest.mark.parametrize("i", range(len(_otsu_maps())))
+def test_otsu_is_exactly_skimage(i):
+    h = _otsu_maps()[i]
+    ref = h.astype(np.float32) if h.dtype.kind in "iub" else h  # integer maps are scored as float32
+    assert otsu_threshold(h) == float(threshold_otsu(ref))
+    assert otsu_threshold(torch.from_numpy(np.ascontiguousarray(h))) == float(threshold_otsu(ref))
+    assert otsu_threshold(h, nbins=32) == float(threshold_otsu(ref, nbins=32))
+    if i < 4:
+        assert 0.3 < otsu_threshold(h) < 0.6
+
+
+def test_otsu_edge_cases():
+    assert otsu_threshold(np.full((4, 4), 0.5)) == 0.5  # constant: its value, so h > t is empty
+    assert otsu_threshold(np.zeros((3, 3))) == 0.0
+    assert math.isnan(otsu_iou(np.zeros((3, 3)), np.zeros((3, 3), bool)))  # empty ground truth
+    assert otsu_iou(np.zeros((3, 3)), np.eye(3, dtype=bool)) == 0.0  # all-zero map: empty region
+    with pytest.raises(CxrExplainError, match="empty heatmap"):
+        otsu_threshold(np.zeros((0, 5)))
 
 
 def test_otsu_iou_separates_two_levels():
@@ -327,7 +348,104 @@ def test_bootstrap_ci_brackets_mean_and_drops_nan():
     assert bootstrap_mean_ci([0.25]) == (0.25, 0.25, 0.25)
 
 
+def test_bootstrap_is_the_percentile_interval_of_seeded_resamples():
+    v = np.random.default_rng(8).normal(size=60)
+    idx = np.random.default_rng(3).integers(0, 60, size=(500, 60))  # the draws default_rng(3) makes
+    lo, hi = np.quantile(v[idx].mean(axis=1), [0.05, 0.95])
+    mean, got_lo, got_hi = bootstrap_mean_ci(v, n_boot=500, seed=3, ci=0.9)
+    assert mean == v.mean()
+    assert got_lo == pytest.approx(lo, abs=1e-12) and got_hi == pytest.approx(hi, abs=1e-12)
+    assert bootstrap_mean_ci(np.full(7, 0.5)) == (0.5, 0.5, 0.5)  # constant: a point interval
+    with pytest.raises(CxrExplainError, match="ci must lie"):
+        bootstrap_mean_ci(v, ci=95)
+
+
 def test_bootstrap_large_input_in_chunks():
     v = np.random.default_rng(0).random(50_000)  # forces several chunks
     mean, lo, hi = bootstrap_mean_ci(v, n_boot=300, seed=0)
     assert lo < mean < hi and hi - lo < 0.02
+
+
+# ---------------------------------------------------------------- same numbers as the hand-written version
+def _fixed_cases():
+    """(raw map, gt mask, localization_scores options): the maps the rewrite must score as before."""
+    rng = np.random.default_rng(2024)
+    size = (96, 112)
+    cases = []
+    for i in range(12):  # CAM-like, LRP-like (sparse, heavy-tailed), full-resolution, float64
+        raw = [rng.normal(size=(4, 4)), rng.normal(size=(12, 14)),
+               rng.standard_t(2, size=(48, 56)) * (rng.random((48, 56)) < 0.3),
+               rng.normal(size=size)][i % 4]
+        raw = raw.astype(np.float64 if i >= 8 else np.float32)
+        y, x = rng.integers(0, 80), rng.integers(0, 90)
+        gt = box_mask(y, y + int(rng.integers(1, 40)), x, x + int(rng.integers(1, 40)), shape=size)
+        cases.append((raw, gt, {}))
+    plateau = np.round(rng.random(size) * 4) / 4  # few distinct values: ties at every threshold and rank
+    cases += [
+        (plateau, box_mask(10, 60, 20, 70, size), {}),
+        (plateau, box_mask(10, 60, 20, 70, size), {"scaling": "minmax", "empty_region": "nan"}),
+        (rng.normal(size=(8, 8)), box_mask(0, 96, 0, 112, size), {}),  # gt = every pixel
+        (rng.normal(size=(8, 8)), box_mask(50, 51, 60, 61, size), {}),  # one-pixel gt
+        (rng.normal(size=(8, 8)), box_mask(0, 0, 0, 0, size), {}),  # empty gt: NaN
+        (-np.ones((8, 8)), box_mask(0, 30, 0, 30, size), {}),  # nothing positive: all-zero map
+        (np.full((8, 8), 3.0), box_mask(0, 30, 0, 30, size), {}),  # constant positive map
+        (rng.normal(size=(8, 8)), box_mask(5, 40, 5, 40, size),
+         {"thresholds": (0.0, 0.05, 0.5, 0.95, 1.0), "empty_region": "nan", "resize": "nearest"}),
+    ]
+    return cases
+
+
+@pytest.mark.parametrize("case", range(len(_fixed_cases())))
+def test_localization_scores_equal_the_hand_written_reference(case):
+    import localization_reference as old  # the implementation before the rewrite, frozen in tests/
+
+    raw, gt, kw = _fixed_cases()[case]
+    new_row = localization_scores(raw, gt, **kw)
+    old_row = old.localization_scores(raw, gt, **kw)
+    assert list(new_row) == list(old_row)
+    exact = [k for k in new_row if k.startswith("iou@")] + ["hit", "rank_acc"]
+    np.testing.assert_array_equal([new_row[k] for k in exact], [old_row[k] for k in exact])
+    np.testing.assert_allclose([new_row["mass"], new_row["auprc"]], [old_row["mass"], old_row["auprc"]],
+                               rtol=0, atol=1e-12)
+    hn = normalize_map(raw, resize_to=gt.shape, mode=kw.get("resize", "bilinear"), scaling=kw.get("scaling", "clip"))
+    # Otsu is scikit-image's (the old histogram was float64, so it could differ by up to one bin)
+    t = float(threshold_otsu(hn))
+    assert new_row["otsu_t"] == t
+    np.testing.assert_array_equal(new_row["iou_otsu"],
+                                  old.iou_at_thresholds(hn, gt, (t,), kw.get("empty_region", "zero"))[0])
+    if hn.min() < hn.max():
+        assert abs(new_row["otsu_t"] - old_row["otsu_t"]) <= (hn.max() - hn.min()) / 256 + 1e-7
+
+
+@pytest.mark.parametrize("case", range(0, len(_fixed_cases()), 3))
+def test_metric_functions_on_signed_maps_equal_the_reference(case):
+    """The public functions also take raw, signed maps (negatives are no evidence for rank/mass/hit)."""
+    import localization_reference as old
+
+    raw, gt, _ = _fixed_cases()[case]
+    h = normalize_map(raw, resize_to=gt.shape, scaling="minmax") - 0.25  # a quarter of the range negative
+    t = (-0.1, 0.0, 0.1, 0.3, 0.7)
+    np.testing.assert_array_equal(iou_at_thresholds(h, gt, t), old.iou_at_thresholds(h, gt, t))
+    np.testing.assert_array_equal(iou_at_thresholds(h, gt, t, "nan"), old.iou_at_thresholds(h, gt, t, "nan"))
+    for new_fn, old_fn in [(hit, old.hit), (rank_accuracy, old.rank_accuracy)]:
+        np.testing.assert_array_equal(new_fn(h, gt), old_fn(h, gt))
+    for new_fn, old_fn in [(relevance_mass, old.relevance_mass), (auprc, old.auprc)]:
+        np.testing.assert_allclose(new_fn(h, gt), old_fn(h, gt), rtol=0, atol=1e-12)
+
+
+def test_sorted_heatmap_counts_and_errors():
+    h = np.array([[0.5, 0.1, 0.9], [0.5, 0.0, 0.3]], dtype=np.float32)
+    gt = np.array([[1, 0, 1], [0, 0, 0]], dtype=bool)
+    sm = SortedHeatmap(h, gt)
+    np.testing.assert_array_equal(sm.values, np.sort(h, axis=None))
+    np.testing.assert_array_equal(sm.inside, np.float32([0.5, 0.9]))
+    # T = 0.3: region {0.5, 0.9, 0.5} (0.3 is not > 0.3), inside {0.5, 0.9}: IoU 2 / 3
+    np.testing.assert_array_equal(sm.iou((0.3, 0.9)), [2 / 3, 0.0])
+    assert np.isnan(sm.iou((0.9,), "nan")[0])
+    assert sm.rank_accuracy() == 1.5 / 2  # top 2 = 0.9 (in) + one of two tied 0.5 (one in): 1 + 1/2
+    with pytest.raises(CxrExplainError, match="without a ground-truth mask"):
+        SortedHeatmap(h).iou()
+    with pytest.raises(CxrExplainError, match="inf/NaN"):
+        SortedHeatmap(np.array([[0.0, np.nan]]))
+    with pytest.raises(CxrExplainError, match="empty_region"):
+        sm.iou(empty_region="drop")

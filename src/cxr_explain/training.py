@@ -16,7 +16,6 @@ training and validation sets (``DistributedSampler``), gradients are all-reduced
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -39,7 +38,7 @@ from .data.images import get_preprocessing
 from .data.labels import BOX_FINDINGS, CHEXNET_FINDINGS, RSNA_FINDINGS
 from .errors import CheckpointError, CxrExplainError
 from .metrics.classification import auroc_per_class, format_table1
-from .models.checkpoints import load_checkpoint, save_checkpoint
+from .models.checkpoints import file_sha256, load_checkpoint, save_checkpoint
 from .models.zoo import ARCHS, ModelSpec, build_model, get_spec, label_index
 
 __all__ = ["TrainConfig", "TrainResult", "train", "fit", "train_cli", "add_train_arguments", "evaluate_auroc",
@@ -674,11 +673,7 @@ def add_auroc_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def checkpoint_identity(path: str | os.PathLike[str]) -> str:
     """``name.pt (sha256 1a2b3c4d5e6f)``: the file name and the first 12 hex digits of its SHA-256."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return f"{Path(path).name} (sha256 {h.hexdigest()[:12]})"
+    return f"{Path(path).name} (sha256 {file_sha256(path)[:12]})"
 
 
 def auroc_cli(args: argparse.Namespace) -> str:

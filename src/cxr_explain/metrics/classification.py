@@ -1,8 +1,9 @@
 """Per-class AUROC with bootstrap confidence intervals (the paper's Table 1).
 
 Point estimate: ``sklearn.metrics.roc_auc_score`` on the images labelled 0 or 1 for that class.
-Interval: percentile bootstrap over images (resample the N images with replacement, the same
-resamples for every class). A resample is a vector of multiplicities ``w`` (N per resample), and its AUROC is the
+Interval: percentile bootstrap over images, ``scipy.stats.bootstrap(method="percentile")`` on the
+image indices (resample the N images with replacement, the same resamples for every class).
+A resample is a vector of multiplicities ``w`` (N per resample), and its AUROC is the
 weighted Mann–Whitney statistic
 
     AUC(w) = Σ_g P_g · (N_<g + ½ N_g) / (P · N),
@@ -14,8 +15,11 @@ present are skipped. Labels other than 0/1 (NaN = unknown) are left out of that 
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pandas as pd
+from scipy import stats
 from sklearn.metrics import roc_auc_score
 
 from ..errors import CxrExplainError
@@ -90,17 +94,28 @@ def auroc_per_class(
         raise CxrExplainError(f"ci must be in (0, 1), got {ci}")
     n, c = y.shape
     pos, neg = y == 1, y == 0
-    boots = np.full((max(n_boot, 0), c), np.nan)
-    if n_boot > 0 and n > 0:
-        rng = np.random.default_rng(seed)
-        for b0 in range(0, n_boot, chunk):
-            b = min(chunk, n_boot - b0)
-            idx = rng.integers(0, n, size=(b, n))
+    both = [j for j in range(c) if pos[:, j].any() and neg[:, j].any()]
+    boots = np.full((c, max(n_boot, 0)), np.nan)
+    ci_scipy = np.full((c, 2), np.nan)
+    if n_boot > 0 and n >= 2 and both:
+
+        def resampled_aurocs(idx: np.ndarray, axis: int = -1) -> np.ndarray:
+            """(C, B) AUROCs of the B resamples of image indices ``idx`` (B, N); NaN = one class."""
+            b = idx.shape[0]
             flat = (idx * b + np.arange(b)[:, None]).ravel()  # image-major: w[i, r] = count of i in r
             w = np.bincount(flat, minlength=n * b).reshape(n, b).astype(np.float64)
-            for j in range(c):
-                if pos[:, j].any() and neg[:, j].any():
-                    boots[b0:b0 + b, j] = weighted_auroc(s[:, j], pos[:, j], neg[:, j], w)
+            out = np.full((c, b), np.nan)
+            for j in both:
+                out[j] = weighted_auroc(s[:, j], pos[:, j], neg[:, j], w)
+            return out
+
+        with warnings.catch_warnings():  # classes with skipped resamples get their interval below
+            warnings.simplefilter("ignore", stats.DegenerateDataWarning)
+            res = stats.bootstrap((np.arange(n),), resampled_aurocs, n_resamples=n_boot, batch=chunk,
+                                  vectorized=True, confidence_level=ci, method="percentile",
+                                  rng=np.random.default_rng(seed))
+        boots = np.asarray(res.bootstrap_distribution).reshape(c, n_boot)
+        ci_scipy = np.stack([res.confidence_interval.low, res.confidence_interval.high], axis=-1).reshape(c, 2)
     rows = []
     lo_q, hi_q = (1 - ci) / 2, 1 - (1 - ci) / 2
     for j, name in enumerate(labels):
@@ -110,12 +125,13 @@ def auroc_per_class(
                          f"only {'negatives' if n_pos == 0 else 'positives'}: AUROC undefined"])
             continue
         auc = float(roc_auc_score(pos[known[:, j], j], s[known[:, j], j]))
-        valid = boots[:, j][~np.isnan(boots[:, j])]
+        valid = boots[j][~np.isnan(boots[j])]
         note = ""
-        if valid.size:
+        if valid.size == n_boot and n_boot > 0:
+            lo, hi = (float(v) for v in ci_scipy[j])
+        elif valid.size:  # the percentile interval of the resamples that had both classes
             lo, hi = (float(v) for v in np.quantile(valid, [lo_q, hi_q]))
-            if valid.size < n_boot:
-                note = f"{n_boot - valid.size} of {n_boot} resamples had one class and were skipped"
+            note = f"{n_boot - valid.size} of {n_boot} resamples had one class and were skipped"
         else:
             lo = hi = np.nan
             if n_boot > 0:

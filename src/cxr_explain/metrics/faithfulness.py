@@ -15,33 +15,24 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from scipy import ndimage, stats
+from scipy import stats
+from skimage.metrics import structural_similarity
+from torchvision.transforms.functional import gaussian_blur
 
 from cxr_explain.errors import CxrExplainError
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
 BASELINES = ("blur", "mean", "zero")
+SSIM_WINDOW = 7  # structural_similarity's default window side
 
 
 # --------------------------------------------------------------------------- deletion / insertion
-def _gaussian_blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of a (C, H, W) tensor, kernel radius ceil(3 sigma), edge replication."""
-    if sigma <= 0:
-        return image.clone()
-    r = int(math.ceil(3 * sigma))
-    x = torch.arange(-r, r + 1, dtype=image.dtype, device=image.device)
-    k = torch.exp(-0.5 * (x / sigma) ** 2)
-    k = k / k.sum()
-    c = image.shape[0]
-    t = F.pad(image[None], (r, r, r, r), mode="replicate")
-    t = F.conv2d(t, k.view(1, 1, 1, -1).expand(c, 1, 1, -1).contiguous(), groups=c)
-    t = F.conv2d(t, k.view(1, 1, -1, 1).expand(c, 1, -1, 1).contiguous(), groups=c)
-    return t[0]
-
-
 def make_baseline(image: torch.Tensor, baseline: Union[str, torch.Tensor], blur_sigma: float) -> torch.Tensor:
     """The image that removed pixels are replaced with: ``blur`` (Gaussian, sigma ``blur_sigma``
-    pixels; Petsiuk et al. 2018), ``mean`` (per-channel mean), ``zero``, or a tensor like ``image``."""
+    pixels; Petsiuk et al. 2018), ``mean`` (per-channel mean), ``zero``, or a tensor like ``image``.
+
+    ``blur`` is ``torchvision.transforms.functional.gaussian_blur`` with a kernel of radius
+    ``ceil(3 sigma)`` (at most the image side minus one) and reflected borders; ``sigma <= 0`` copies."""
     if isinstance(baseline, torch.Tensor):
         if baseline.shape != image.shape:
             raise CxrExplainError(
@@ -49,7 +40,10 @@ def make_baseline(image: torch.Tensor, baseline: Union[str, torch.Tensor], blur_
                 "pass a baseline of the image's shape")
         return baseline.to(image)
     if baseline == "blur":
-        return _gaussian_blur(image, blur_sigma)
+        if blur_sigma <= 0:
+            return image.clone()
+        r = min(math.ceil(3 * blur_sigma), min(image.shape[-2:]) - 1)  # reflect padding must fit the image
+        return gaussian_blur(image, [2 * r + 1, 2 * r + 1], [float(blur_sigma), float(blur_sigma)])
     if baseline == "mean":
         return image.mean(dim=(1, 2), keepdim=True).expand_as(image).clone()
     if baseline == "zero":
@@ -142,34 +136,6 @@ def deletion_insertion(
 
 
 # --------------------------------------------------------------------------- randomisation sanity check
-def ssim(a: np.ndarray, b: np.ndarray, data_range: float = 1.0, win_size: int = 7) -> float:
-    """Mean structural similarity (Wang et al. 2004) with scikit-image's default definition.
-
-    Uniform ``win_size`` window (scipy ``uniform_filter``, reflect borders), sample covariances,
-    ``K1 = 0.01, K2 = 0.03``, ``C_i = (K_i * data_range)^2``; the mean of
-    ``(2 mu_a mu_b + C1)(2 s_ab + C2) / ((mu_a^2 + mu_b^2 + C1)(s_a^2 + s_b^2 + C2))`` over the
-    image cropped by ``(win_size - 1) / 2`` at each border. Equals
-    ``skimage.metrics.structural_similarity(a, b, data_range=data_range)``.
-    """
-    a = np.asarray(a, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
-    if a.shape != b.shape or a.ndim != 2:
-        raise CxrExplainError(f"SSIM needs two 2-D maps of one shape, got {a.shape} and {b.shape}")
-    if min(a.shape) < win_size:
-        return float("nan")
-    n = win_size * win_size
-    cov_norm = n / (n - 1)
-    filt = lambda x: ndimage.uniform_filter(x, size=win_size)  # noqa: E731
-    ua, ub = filt(a), filt(b)
-    vaa = cov_norm * (filt(a * a) - ua * ua)
-    vbb = cov_norm * (filt(b * b) - ub * ub)
-    vab = cov_norm * (filt(a * b) - ua * ub)
-    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    s = ((2 * ua * ub + c1) * (2 * vab + c2)) / ((ua**2 + ub**2 + c1) * (vaa + vbb + c2))
-    p = (win_size - 1) // 2
-    return float(s[p:-p, p:-p].mean())
-
-
 def _minmax(a: np.ndarray) -> np.ndarray:
     lo, hi = a.min(), a.max()
     return (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
@@ -185,14 +151,18 @@ def _to_map(h: ArrayLike) -> np.ndarray:
 
 
 def _similarities(ref: np.ndarray, new: np.ndarray) -> dict[str, float]:
-    """Spearman rank correlation and SSIM (on min-max normalised maps) of signed and |maps|."""
+    """Spearman rank correlation and SSIM (on min-max normalised maps) of signed and |maps|.
+
+    SSIM is ``skimage.metrics.structural_similarity(a, b, data_range=1)`` (7 x 7 uniform window);
+    NaN for a map smaller than the window."""
     out = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a constant map has no rank correlation (NaN)
         for key, (x, y) in {"": (ref, new), "_abs": (np.abs(ref), np.abs(new))}.items():
             rho = stats.spearmanr(x.ravel(), y.ravel()).statistic
             out[f"spearman{key}"] = float(rho)
-            out[f"ssim{key}"] = ssim(_minmax(x), _minmax(y), data_range=1.0)
+            out[f"ssim{key}"] = (float(structural_similarity(_minmax(x), _minmax(y), data_range=1.0))
+                                 if min(x.shape) >= SSIM_WINDOW else float("nan"))
     return out
 
 
@@ -221,8 +191,8 @@ def randomization_sanity(
 
     A deep copy of ``model`` has the parameters of ``layers_top_down`` (module names, output layer
     first) re-initialised cumulatively; after each layer ``explain_fn(model_copy, image)`` is compared
-    with the original map: Spearman rank correlation (scipy) and SSIM (:func:`ssim`, scikit-image's
-    definition, on min-max normalised maps), of the signed map and of its absolute value.
+    with the original map: Spearman rank correlation (scipy) and SSIM (scikit-image's
+    ``structural_similarity``, on min-max normalised maps), of the signed map and of its absolute value.
     Returns one row per step: ``step`` (0 = the original model), ``layer``, ``spearman``, ``ssim``,
     ``spearman_abs``, ``ssim_abs``. ``model`` is not modified; the global RNG is left as it was.
     A map that stays similar as the model is destroyed explains the image, not the model.

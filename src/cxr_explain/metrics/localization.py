@@ -11,8 +11,9 @@ Protocols (``docs/evaluation.md`` §1-§3, §6):
   :func:`rank_accuracy` (Arras et al. 2022), :func:`auprc` (Arun et al. 2021).
 * Paper Section 3 ("inconsistency of intention"): :func:`region_shares`.
 
-:func:`localization_scores` computes one results-table row; :func:`bootstrap_mean_ci` the
-confidence intervals of a column.
+:func:`localization_scores` computes one results-table row from one sort of the map
+(:class:`SortedHeatmap`: every threshold metric is then a binary search); :func:`bootstrap_mean_ci`
+the confidence intervals of a column.
 
 Ground truth that covers no pixel (a box clipped away by the image border) makes every metric
 undefined: they return NaN, which :func:`bootstrap_mean_ci` drops.
@@ -24,6 +25,9 @@ from typing import Sequence, Union
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import stats
+from skimage.filters import threshold_otsu
+from sklearn.metrics import average_precision_score
 
 from cxr_explain.errors import CxrExplainError
 
@@ -104,6 +108,122 @@ def normalize_map(
     return a / m if m > 0 else np.zeros_like(a)
 
 
+# --------------------------------------------------------------------------- one sort per map
+class SortedHeatmap:
+    """A map's pixel values sorted once, and its ground-truth pixels sorted once.
+
+    Every threshold metric is then a binary search (``np.searchsorted``) in these two arrays, so
+    IoU at any number of thresholds, Otsu's histogram, rank accuracy and AUPRC share one
+    ``O(n log n)`` sort instead of each scanning, partitioning or sorting the map again:
+    ``#{h > t} = n - searchsorted(values, t, "right")`` and ``#{h > t, gt} =
+    |gt| - searchsorted(inside, t, "right")``, exact in the map's own precision.
+
+    ``values``: all pixels ascending; ``inside``: the ground-truth pixels ascending (the map's float
+    dtype; integer and bool maps become float32). ``gt_mask=None`` is enough for
+    :meth:`otsu_threshold`; the other metrics need the mask.
+    """
+
+    def __init__(self, h: ArrayLike, gt_mask: ArrayLike | None = None) -> None:
+        a = _as_2d(h)
+        self.shape: tuple[int, int] = a.shape
+        self.values: np.ndarray = np.sort(a, axis=None)
+        if self.values.size and not np.isfinite(self.values[[0, -1]]).all():  # NaN sorts last
+            raise CxrExplainError("heatmap contains inf/NaN values; check the explanation method's output")
+        self.has_gt = gt_mask is not None
+        self.inside: np.ndarray = np.sort(a[_as_mask(gt_mask, a.shape)]) if self.has_gt else self.values[:0]
+
+    @property
+    def n(self) -> int:
+        return int(self.values.size)
+
+    @property
+    def n_gt(self) -> int:
+        return int(self.inside.size)
+
+    def _need_gt(self) -> None:
+        if not self.has_gt:
+            raise CxrExplainError("this SortedHeatmap was built without a ground-truth mask; pass gt_mask")
+
+    def _cast(self, t: ArrayLike | Sequence[float] | float) -> np.ndarray:
+        """Thresholds in the map's precision, as ``h > T`` compares them in numpy."""
+        return np.asarray(t, dtype=np.float64).astype(self.values.dtype)
+
+    def iou(self, thresholds: Sequence[float] = PAPER_THRESHOLDS, empty_region: str = "zero") -> np.ndarray:
+        """``IoU(T) = |{h > T} & gt| / |{h > T} | gt|`` for each T (see :func:`iou_at_thresholds`)."""
+        if empty_region not in EMPTY_REGION_MODES:
+            raise CxrExplainError(f"unknown empty_region {empty_region!r}; use 'zero' or 'nan'")
+        self._need_gt()
+        t = self._cast(thresholds)
+        if self.n_gt == 0:
+            return np.full(t.shape, np.nan)
+        region = self.n - np.searchsorted(self.values, t, side="right")
+        inter = self.n_gt - np.searchsorted(self.inside, t, side="right")
+        out = inter / (region + self.n_gt - inter)
+        if empty_region == "nan":
+            out = np.where(region == 0, np.nan, out)
+        return out.astype(np.float64)
+
+    def otsu_threshold(self, nbins: int = 256) -> float:
+        """``skimage.filters.threshold_otsu`` of the map, from the sorted values.
+
+        The histogram is the one scikit-image builds (``np.histogram``, ``nbins`` equal bins over
+        [min, max] in the map's dtype; a value ``x`` falls in bin ``i`` when
+        ``edge_i <= x < edge_{i+1}``, the last bin closed), counted by binary search of the edges,
+        and handed to ``threshold_otsu(hist=(counts, centres))``: the same threshold, bit for bit.
+        A constant map returns its value; an empty map raises :class:`CxrExplainError`.
+        """
+        v = self.values
+        if v.size == 0:
+            raise CxrExplainError("Otsu's threshold of an empty heatmap is undefined; pass a map with pixels")
+        lo, hi = v[0], v[-1]
+        if not hi > lo:
+            return float(lo)
+        edges = np.histogram_bin_edges(v, bins=nbins, range=(lo, hi))
+        counts = np.diff(np.append(np.searchsorted(v, edges[:-1], side="left"), v.size))
+        centres = (edges[:-1] + edges[1:]) / 2.0
+        return float(threshold_otsu(hist=(counts, centres)))
+
+    def rank_accuracy(self) -> float:
+        """Share of the K = |gt| highest positive pixels inside gt, ties shared (see :func:`rank_accuracy`)."""
+        self._need_gt()
+        k, n, v, s = self.n_gt, self.n, self.values, self.inside
+        if k == 0:
+            return float("nan")
+        kth = v[n - k]  # the K-th largest value; max(kth, 0) is the K-th largest of max(h, 0)
+        if kth > 0:
+            lo, hi = np.searchsorted(v, kth, side="left"), np.searchsorted(v, kth, side="right")
+            lo_in, hi_in = np.searchsorted(s, kth, side="left"), np.searchsorted(s, kth, side="right")
+            slots = k - int(n - hi)  # K minus the pixels strictly above the K-th value
+            inside = float(k - hi_in) + slots * float(hi_in - lo_in) / float(hi - lo)
+        else:  # fewer than K positive pixels: only they are selected
+            inside = float(k - np.searchsorted(s, self._cast(0.0), side="right"))
+        return inside / k
+
+    def auprc(self) -> float:
+        """``sklearn.metrics.average_precision_score(gt, h)`` from the sorted values (see :func:`auprc`).
+
+        Recall only moves at values held by ground-truth pixels, so the pixels are handed to sklearn
+        as weighted rows: for each distinct gt value ``u_j`` (ascending) one positive row of weight
+        ``#{gt pixels == u_j}`` and one negative row of weight ``#{non-gt pixels with
+        u_j <= h < u_{j+1}}`` at score ``u_j`` (non-gt pixels below every gt value never count).
+        Precision and recall at every threshold where recall changes are those of the full pixel
+        set, so the weighted AP equals the per-pixel AP (the sum only loses zero terms).
+        """
+        self._need_gt()
+        s, v = self.inside, self.values
+        if s.size == 0:
+            return float("nan")
+        last = np.flatnonzero(np.append(s[1:] != s[:-1], True))  # end of each run of equal gt values
+        u = s[last]
+        n_pos = np.diff(np.append(-1, last))
+        n_ge = v.size - np.searchsorted(v, u, side="left")  # pixels with h >= u_j
+        n_neg = n_ge - np.append(n_ge[1:], 0) - n_pos
+        y = np.concatenate([np.ones(u.size), np.zeros(u.size)])
+        w = np.concatenate([n_pos, n_neg]).astype(np.float64)
+        keep = w > 0
+        return float(average_precision_score(y[keep], np.concatenate([u, u])[keep], sample_weight=w[keep]))
+
+
 # --------------------------------------------------------------------------- IoU
 def iou_at_thresholds(
     h_norm: ArrayLike,
@@ -117,56 +237,26 @@ def iou_at_thresholds(
     :func:`normalize_map`). ``empty_region`` says what a threshold whose region is empty scores:
     ``"zero"`` (default: IoU of an empty set with a non-empty box is 0) or ``"nan"`` (exclude it
     from means). Returns a float64 array of ``len(thresholds)``; NaN everywhere if ``gt`` is empty.
+    T is compared in the map's precision (float32 maps: ``float32(T)``).
     """
-    if empty_region not in EMPTY_REGION_MODES:
-        raise CxrExplainError(f"unknown empty_region {empty_region!r}; use 'zero' or 'nan'")
-    h = _as_2d(h_norm)
-    gt = _as_mask(gt_mask, h.shape)
-    t = np.asarray(thresholds, dtype=np.float64)
-    out = np.full(t.shape, np.nan)
-    n_gt = int(gt.sum())
-    if n_gt == 0:
-        return out
-    tt = t.astype(h.dtype)  # compare in the map's precision, as ``h > T`` does in numpy
-    inside = h[gt]
-    region = np.array([np.count_nonzero(h > x) for x in tt], dtype=np.int64)
-    inter = np.array([np.count_nonzero(inside > x) for x in tt], dtype=np.int64)
-    union = region + n_gt - inter
-    out = inter / union
-    if empty_region == "nan":
-        out = np.where(region == 0, np.nan, out)
-    return out.astype(np.float64)
+    return SortedHeatmap(h_norm, gt_mask).iou(thresholds, empty_region)
 
 
 def otsu_threshold(h_norm: ArrayLike, nbins: int = 256) -> float:
-    """Otsu's threshold on a ``nbins``-bin histogram of the map's values (over [min, max]).
+    """Otsu's threshold of the map's values: ``skimage.filters.threshold_otsu(h, nbins)``.
 
-    Picks the bin boundary that maximises the between-class variance
-    ``w0(t) w1(t) (mu0(t) - mu1(t))^2`` and returns the centre of the last bin of the lower class
-    (so the mask is ``h > t``), as CheXlocalize does. A constant map returns its value.
+    scikit-image histograms the values in ``nbins`` equal bins over [min, max], picks the split that
+    maximises the between-class variance ``w0 w1 (mu0 - mu1)^2`` and returns the centre of the last
+    bin of the lower class, so the mask is ``h > t`` (CheXlocalize's convention). A constant map
+    returns its value (its mask ``h > t`` is empty); an empty map raises :class:`CxrExplainError`.
     """
-    a = _as_2d(h_norm).astype(np.float64, copy=False).ravel()
-    lo, hi = float(a.min()), float(a.max())
-    if not hi > lo:
-        return lo
-    counts, edges = np.histogram(a, bins=nbins, range=(lo, hi))
-    centres = (edges[:-1] + edges[1:]) / 2
-    counts = counts.astype(np.float64)
-    w0 = np.cumsum(counts)[:-1]  # class 0 = bins 0..k
-    s0 = np.cumsum(counts * centres)[:-1]
-    total_w, total_s = counts.sum(), (counts * centres).sum()
-    w1 = total_w - w0
-    s1 = total_s - s0
-    with np.errstate(divide="ignore", invalid="ignore"):
-        between = w0 * w1 * (s0 / w0 - s1 / w1) ** 2
-    between = np.where((w0 > 0) & (w1 > 0), between, -1.0)
-    return float(centres[int(np.argmax(between))])
+    return SortedHeatmap(h_norm).otsu_threshold(nbins)
 
 
 def otsu_iou(h_norm: ArrayLike, gt_mask: ArrayLike, empty_region: str = "zero") -> float:
     """CheXlocalize's mask: IoU of ``h > otsu_threshold(h)`` with the ground truth."""
-    t = otsu_threshold(h_norm)
-    return float(iou_at_thresholds(h_norm, gt_mask, (t,), empty_region=empty_region)[0])
+    sm = SortedHeatmap(h_norm, gt_mask)
+    return float(sm.iou((sm.otsu_threshold(),), empty_region)[0])
 
 
 # --------------------------------------------------------------------------- pointing / mass / rank
@@ -208,46 +298,17 @@ def rank_accuracy(h: ArrayLike, gt_mask: ArrayLike) -> float:
     pixels tie for the ``s`` remaining slots, each counts ``s / n_tie`` -- the mean over random
     tie-breaks, so the result does not depend on pixel order. NaN if the ground truth is empty.
     """
-    a = _as_2d(h).ravel()
-    gt = _as_mask(gt_mask, _as_2d(h).shape).ravel()
-    k = int(gt.sum())
-    if k == 0:
-        return float("nan")
-    p = np.maximum(a, 0)
-    kth = np.partition(p, p.size - k)[p.size - k]  # K-th largest value
-    if kth > 0:
-        above = p > kth
-        tied = p == kth
-        slots = k - int(above.sum())
-        inside = float((above & gt).sum()) + slots * float((tied & gt).sum()) / float(tied.sum())
-    else:  # fewer than K positive pixels: only they are selected
-        inside = float(((p > 0) & gt).sum())
-    return inside / k
+    return SortedHeatmap(h, gt_mask).rank_accuracy()
 
 
 def auprc(h: ArrayLike, gt_mask: ArrayLike) -> float:
-    """Average precision of the map as a pixel-wise detector of the ground truth (exact).
+    """Average precision of the map as a pixel-wise detector of the ground truth (Arun et al. 2021).
 
-    ``AP = sum_n (R_n - R_{n-1}) P_n`` over the distinct values of ``h`` taken as thresholds in
-    decreasing order (the step-wise definition of sklearn's ``average_precision_score``;
-    Arun et al. 2021). Recall only moves at values held by ground-truth pixels, so
-    ``AP = sum_u (#gt pixels == u / |gt|) * (#gt pixels >= u) / (#pixels >= u)`` over those values
-    ``u``, from one sort of the map and one of the gt pixels. NaN if the ground truth is empty.
+    ``sklearn.metrics.average_precision_score(gt, h)`` over all pixels: ``AP = sum_n (R_n - R_{n-1}) P_n``
+    with the distinct values of ``h`` as thresholds in decreasing order (computed from one sort,
+    :meth:`SortedHeatmap.auprc`). NaN if the ground truth is empty.
     """
-    a = _as_2d(h)
-    gt = _as_mask(gt_mask, a.shape)
-    n_pos = int(gt.sum())
-    if n_pos == 0:
-        return float("nan")
-    s_all = np.sort(a, axis=None)
-    s_pos = np.sort(a[gt], axis=None)
-    last = np.flatnonzero(np.r_[s_pos[1:] != s_pos[:-1], True])  # end of each run of equal values
-    u = s_pos[last]
-    first = np.r_[0, last[:-1] + 1]
-    count_u = (last - first + 1).astype(np.float64)
-    tp = (n_pos - first).astype(np.float64)  # gt pixels >= u
-    selected = (s_all.size - np.searchsorted(s_all, u, side="left")).astype(np.float64)
-    return float(np.sum(count_u / n_pos * tp / selected))
+    return SortedHeatmap(h, gt_mask).auprc()
 
 
 def region_shares(
@@ -295,17 +356,17 @@ def localization_scores(
     size = tuple(original_size) if original_size is not None else gt.shape[-2:]
     hn = normalize_map(h, resize_to=size, mode=resize, scaling=scaling)
     gt = _as_mask(gt, hn.shape)
+    sm = SortedHeatmap(hn, gt)  # the one sort shared by IoU, Otsu, rank accuracy and AUPRC
     row: dict[str, float] = {}
-    ious = iou_at_thresholds(hn, gt, thresholds, empty_region=empty_region)
-    for t, v in zip(thresholds, ious):
+    for t, v in zip(thresholds, sm.iou(thresholds, empty_region)):
         row[f"iou@{format(float(t), 'g')}"] = float(v)
-    t_otsu = otsu_threshold(hn)
+    t_otsu = sm.otsu_threshold()
     row["otsu_t"] = t_otsu
-    row["iou_otsu"] = float(iou_at_thresholds(hn, gt, (t_otsu,), empty_region=empty_region)[0])
+    row["iou_otsu"] = float(sm.iou((t_otsu,), empty_region)[0])
     row["hit"] = hit(hn, gt)
     row["mass"] = relevance_mass(hn, gt)
-    row["rank_acc"] = rank_accuracy(hn, gt)
-    row["auprc"] = auprc(hn, gt)
+    row["rank_acc"] = sm.rank_accuracy()
+    row["auprc"] = sm.auprc()
     return row
 
 
@@ -318,9 +379,10 @@ def bootstrap_mean_ci(
 ) -> tuple[float, float, float]:
     """The mean and a percentile-bootstrap confidence interval ``(mean, low, high)``.
 
-    NaNs are dropped; ``n_boot`` resamples with replacement (``numpy.random.default_rng(seed)``),
-    the interval is the ``(1-ci)/2`` and ``(1+ci)/2`` quantiles of the resampled means. Vectorised
-    in chunks of at most ~4M drawn indices. No values -> ``(nan, nan, nan)``.
+    NaNs are dropped; the interval is ``scipy.stats.bootstrap(method="percentile")`` of the mean:
+    ``n_boot`` resamples with replacement drawn by ``numpy.random.default_rng(seed)``, the
+    ``(1-ci)/2`` and ``(1+ci)/2`` quantiles of the resampled means, in batches of at most ~4M drawn
+    indices. No values -> ``(nan, nan, nan)``; one value ``v`` -> ``(v, v, v)``.
     """
     if isinstance(values, torch.Tensor):
         values = values.detach().cpu().numpy()
@@ -331,12 +393,8 @@ def bootstrap_mean_ci(
         return (float("nan"),) * 3
     if not 0 < ci < 1:
         raise CxrExplainError(f"ci must lie in (0, 1), got {ci}")
-    rng = np.random.default_rng(seed)
-    chunk = max(1, (1 << 22) // n)
-    means = np.empty(n_boot)
-    for start in range(0, n_boot, chunk):
-        stop = min(n_boot, start + chunk)
-        idx = rng.integers(0, n, size=(stop - start, n))
-        means[start:stop] = v[idx].mean(axis=1)
-    lo, hi = np.quantile(means, [(1 - ci) / 2, (1 + ci) / 2])
-    return float(v.mean()), float(lo), float(hi)
+    if n == 1:  # every resample is the one value (scipy needs two)
+        return (float(v[0]),) * 3
+    res = stats.bootstrap((v,), np.mean, n_resamples=n_boot, batch=max(1, (1 << 22) // n), vectorized=True,
+                          confidence_level=ci, method="percentile", rng=np.random.default_rng(seed))
+    return float(v.mean()), float(res.confidence_interval.low), float(res.confidence_interval.high)

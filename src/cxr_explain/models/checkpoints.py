@@ -349,12 +349,10 @@ def _strict_load(model: nn.Module, sd: dict[str, Any], report: LoadReport, hint:
     report.n_keys = len(sd)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """The SHA-256 of a file's bytes as 64 hex digits (``hashlib.file_digest``, read in chunks)."""
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def load_checkpoint(
@@ -440,7 +438,7 @@ def load_checkpoint(
     xrv = fmt == "torchxrayvision" and in_ch == 1
     preprocessing = "xrv" if xrv else ("gray" if in_ch == 1 else "imagenet-rgb")
     input_size = 512 if xrv and fam == "resnet" else 224  # xrv resnet50-res512-all
-    provenance: dict[str, Any] = {"file": str(p.resolve()), "sha256": _sha256(p), "format": fmt}
+    provenance: dict[str, Any] = {"file": str(p.resolve()), "sha256": file_sha256(p), "format": fmt}
     if fmt in ("arnoweng-chexnet", "jrzech-chexnet"):
         provenance["original_output"] = "sigmoid (removed: the model outputs logits)"
     provenance.update({k: v for k, v in info.items() if k != "pathologies"})
