@@ -95,7 +95,7 @@ def minmax(h: ArrayLike, clip: bool = False) -> np.ndarray:
 
 def otsu_segmentation(h: ArrayLike, fill: bool = True, clip: bool = False) -> np.ndarray:
     """§1 Otsu: ``u = uint8(255 · minmax(h))`` (truncated), ``t = skimage.filters.threshold_otsu(u)``,
-    region ``u > t``. ``fill`` (the benchmark's way) fills holes (``scipy.ndimage.binary_fill_holes``)
+    region ``u > t``. ``fill`` (the benchmark's way) fills holes (as ``scipy.ndimage.binary_fill_holes``)
     and drops 8-connected components of one pixel, which the benchmark's contour drawing does. A
     constant map gives an empty region. Returns H×W bool."""
     from scipy import ndimage
@@ -107,9 +107,22 @@ def otsu_segmentation(h: ArrayLike, fill: bool = True, clip: bool = False) -> np
     region = u > threshold_otsu(u)
     if fill:
         lab, n = ndimage.label(region, structure=np.ones((3, 3), dtype=bool))
-        sizes = np.bincount(lab.ravel(), minlength=n + 1)
-        region = ndimage.binary_fill_holes(region & (sizes[lab] > 1))
+        region &= (np.bincount(lab.ravel(), minlength=n + 1) > 1)[lab]
+        region = _fill_holes(region)
     return region
+
+
+def _fill_holes(region: np.ndarray) -> np.ndarray:
+    """``scipy.ndimage.binary_fill_holes`` (background components, 4-connected, that do not touch the
+    border become foreground), computed with one labelling instead of iterated erosions (5x faster
+    on a 2320x2828 map)."""
+    from scipy import ndimage
+
+    bg, n = ndimage.label(~region)
+    outside = np.zeros(n + 1, dtype=bool)
+    outside[0] = True  # label 0 = the region itself
+    outside[np.concatenate([bg[0], bg[-1], bg[:, 0], bg[:, -1]])] = True
+    return region | ~outside[bg]
 
 
 def threshold_segmentation(h: ArrayLike, threshold: float, clip: bool = False) -> np.ndarray:
