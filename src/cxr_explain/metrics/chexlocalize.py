@@ -310,8 +310,8 @@ def protocol_summary(
     ``prob``, ``gt_area``, ``hit`` and the counts of :func:`score_map`. ``segmentation``:
     ``"otsu"`` or ``"tuned"`` (threshold tuned per method and pathology on the ``tune_on`` split).
     ``cutoffs``: None, ``"tune"`` (tuned on ``tune_on``) or ``{pathology: cutoff}``. ``mode``: the IoU
-    mode of the reported mIoU. ``tune_on`` / ``evaluate_on``: split names (None = every record).
-    Returns ``(summary, choices)``: summary rows ``method, finding, metric (miou | hit_rate), n, mean,
+    mode of the reported mIoU. ``tune_on`` / ``evaluate_on``: split names (None = every record); a
+    (method, pathology) without records there is left out. Returns ``(summary, choices)``: summary rows ``method, finding, metric (miou | hit_rate), n, mean,
     ci_low, ci_high``; choices rows ``method, finding, threshold, cutoff`` (NaN threshold = Otsu)."""
     if segmentation not in ("otsu", "tuned"):
         raise CxrExplainError(f"unknown segmentation {segmentation!r}; use 'otsu' or 'tuned'")
@@ -324,16 +324,19 @@ def protocol_summary(
     if missing:
         raise CxrExplainError(f"records lack columns {', '.join(sorted(missing))}; build them with score_map")
 
-    def part(df: pd.DataFrame, split: Optional[str]) -> pd.DataFrame:
-        if split is None:
-            return df
-        if "split" not in df.columns or not (df["split"] == split).any():
+    for split in dict.fromkeys((tune_on, evaluate_on)):
+        if split is not None and ("split" not in records.columns or not (records["split"] == split).any()):
             raise CxrExplainError(f"no records of split {split!r} to tune or evaluate on")
-        return df[df["split"] == split]
 
+    def part(df: pd.DataFrame, split: Optional[str]) -> pd.DataFrame:
+        return df if split is None else df[df["split"] == split]
+
+    tuning = segmentation == "tuned" or cutoffs == "tune"
     rows, choices = [], []
     for (method, finding), g in records.groupby(["method", "finding"], sort=False):
         tune, ev = part(g, tune_on), part(g, evaluate_on)
+        if not len(ev) or (tuning and not len(tune)):
+            continue  # this pathology has no records to report (or to tune on) in those splits
         thr = tune_threshold(tune)[0] if segmentation == "tuned" else None
         if cutoffs == "tune":
             cut = tune_cutoff(tune, thr, cutoff_grid(str(finding)))[0]
