@@ -14,8 +14,9 @@ Layout under ``root`` (CheXlocalize's download, or the same files in one folder)
 (``CheXpert/val_labels.csv`` + ``CheXpert/val/``, ``valid.csv`` + ``valid/`` …).
 
 Names: the benchmark's JSON says ``Airspace Opacity`` where CheXpert's CSV says ``Lung Opacity``;
-the dataset uses the CSV's name (:data:`GT_NAME_ALIASES`). Every pathology in a JSON file must be
-a label column of the split's CSV. Bad files raise a one-line :class:`~cxr_explain.errors.DataError`
+a JSON name is matched to a label column of the split's CSV with
+:func:`~cxr_explain.data.labels.find_label` (case, ``_`` and the project's one alias table,
+``LABEL_ALIASES``) and the dataset uses the CSV's name. A name matching no column is an error. Bad files raise a one-line :class:`~cxr_explain.errors.DataError`
 naming the file, the image and the pathology: malformed RLE (counts that are not a valid COCO
 string, negative runs, runs that do not add up to h·w), an unknown pathology, an image id without a
 row in the labels CSV or without an image file.
@@ -34,12 +35,11 @@ from PIL import Image
 from ..errors import DataError
 from .chexpert import SPLIT_NAMES, CheXpertDataset, canonical_split, find_label_csv
 from .images import DICOM_EXTENSIONS
-from .labels import check_labels
+from .labels import check_labels, find_label
 from .types import Sample
 
 __all__ = [
     "CHEXLOCALIZE_FINDINGS",
-    "GT_NAME_ALIASES",
     "RLE",
     "rle_counts",
     "encode_mask",
@@ -67,8 +67,6 @@ CHEXLOCALIZE_FINDINGS: tuple[str, ...] = (
     "Pleural Effusion",
     "Support Devices",
 )
-#: JSON pathology name → CheXpert CSV column.
-GT_NAME_ALIASES: dict[str, str] = {"Airspace Opacity": "Lung Opacity"}
 GT_FILE = "gt_segmentations_{split}.json"
 HB_FILE = "hb_segmentations_{split}.json"
 HB_POINTS_FILE = "hb_salient_pt_{split}.json"
@@ -222,19 +220,17 @@ def _load_json(path: PathLike) -> dict:
 
 
 def _canonical_name(name: str, known: Sequence[str], source: Path, iid: str) -> str:
-    if name in known:
-        return name
-    alias = GT_NAME_ALIASES.get(name)
-    if alias in known:
-        return alias
+    k = find_label(name, known)
+    if k is not None:
+        return known[k]
     check_labels([name], known=known, source=source, where=f"image {iid!r}")
     return name  # pragma: no cover (check_labels raised)
 
 
 def read_segmentations(path: PathLike, known: Sequence[str] = CHEXLOCALIZE_FINDINGS) -> dict[str, dict[str, RLE]]:
     """A CheXlocalize segmentation JSON → ``{image id: {pathology: RLE}}``, every entry checked
-    (:func:`parse_rle`); pathology names mapped through :data:`GT_NAME_ALIASES` and required to be
-    in ``known``. Masks stay encoded (decode with ``RLE.decode``)."""
+    (:func:`parse_rle`); each pathology name must match one of ``known`` (``find_label``: exact,
+    then case / ``_`` / alias-insensitive) and is replaced by it. Masks stay encoded (``RLE.decode``)."""
     p = Path(path)
     data = _load_json(p)
     out: dict[str, dict[str, RLE]] = {}
