@@ -1,4 +1,5 @@
-"""CheXpert (Irvin et al., AAAI 2019): label CSVs, image paths, uncertainty policy, the dataset.
+"""CheXpert (Irvin et al., AAAI 2019): label CSVs, image paths, uncertainty policy, the dataset
+(docs/data_formats.md §1.5).
 
 Layouts searched under ``root`` (the first found per split; ``labels_csv=`` overrides):
 

@@ -1,4 +1,5 @@
-"""MIMIC-CXR-JPG (Johnson et al. 2019): CheXpert-style labels, the official split, view metadata.
+"""MIMIC-CXR-JPG (Johnson et al. 2019): CheXpert-style labels, the official split, view metadata
+(docs/data_formats.md §1.6).
 
 Files under ``root`` (each also as ``.csv.gz``; each can be passed explicitly):
 
