@@ -78,6 +78,7 @@ NO_FINDING = "No Finding"
 LABEL_ALIASES: dict[str, str] = {
     "infiltrate": "infiltration",  # NIH's box file vs its label column
     "pleural effusion": "effusion",  # CheXpert / MIMIC vs NIH / torchxrayvision
+    "airspace opacity": "lung opacity",  # CheXlocalize's segmentation files vs CheXpert's labels
 }
 
 

@@ -8,12 +8,17 @@ from pathlib import Path
 from ..errors import CxrExplainError
 from ..metrics.localization import EMPTY_REGION_MODES, PAPER_THRESHOLDS, RESIZE_MODES
 
+LAYOUTS = ("auto", "nih", "rsna", "chexlocalize", "chexpert", "mimic", "folder")
+
 
 def add_evaluate_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Options of ``cxr-explain evaluate``."""
-    p.add_argument("--data", required=True, help="dataset folder (NIH, RSNA layout or a folder of images)")
-    p.add_argument("--layout", choices=["auto", "nih", "rsna", "folder"], default="auto",
+    p.add_argument("--data", required=True,
+                   help="dataset folder (NIH, RSNA, CheXlocalize, CheXpert, MIMIC-CXR-JPG layout or a folder of images)")
+    p.add_argument("--layout", choices=list(LAYOUTS), default="auto",
                    help="dataset layout (default: detected from the files)")
+    p.add_argument("--uncertain", choices=["ones", "zeros", "ignore"], default="ones",
+                   help="CheXpert / MIMIC uncertain labels (-1): U-Ones, U-Zeros or ignored (NaN)")
     p.add_argument("--labels-csv", default=None, help="folder layout: CSV with image,labels,finding,x,y,w,h")
     p.add_argument("--checkpoint", default=None, help="model checkpoint (default: the shipped model)")
     p.add_argument("--arch", default=None, help="architecture of the checkpoint (default: detected)")
@@ -42,6 +47,14 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParse
     p.add_argument("--intention", default=None, metavar="FINDING",
                    help="also run the relevance-share analysis (docs/evaluation.md §6) for FINDING "
                         "(e.g. Pneumonia) on the images --split / --max-images select")
+    g = p.add_argument_group("CheXlocalize protocol (docs/chexlocalize.md; always run with --layout chexlocalize)")
+    g.add_argument("--chexlocalize", action="store_true", help="also run it on another layout (NIH boxes, masks)")
+    g.add_argument("--chexlocalize-segmentation", choices=["otsu", "tuned"], default="otsu",
+                   help="Otsu per map (default) or a threshold tuned per pathology on the val split")
+    g.add_argument("--chexlocalize-cutoffs", choices=["none", "tune"], default="none",
+                   help="probability cut-off per pathology tuned on the val split (scores every finding of every image)")
+    g.add_argument("--chexlocalize-iou", choices=["true_positive", "full"], default="true_positive",
+                   help="mIoU over the true-positive slice (default, the benchmark's) or the full set")
     p.add_argument("--no-report", action="store_true", help="skip tables, figures and report.html")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -85,21 +98,28 @@ def load_dataset_from_args(args, labels) -> object:
     root = Path(args.data)
     if not root.is_dir():
         raise CxrExplainError(f"{root}: dataset folder not found; pass --data with an existing folder")
-    layout = getattr(args, "layout", "auto") or "auto"
-    if layout == "auto":
-        if any(root.glob("Data_Entry*.csv")):
-            layout = "nih"
-        elif (root / "stage_2_train_labels.csv").is_file():
-            layout = "rsna"
-        else:
-            layout = "folder"
+    layout = resolve_layout(args)
+    uncertain = getattr(args, "uncertain", "ones") or "ones"
+    if layout == "chexlocalize":
+        from ..data.chexlocalize import CheXlocalizeDataset
+
+        return CheXlocalizeDataset(root, uncertain=uncertain)
+    if layout == "chexpert":
+        from ..data.chexpert import CheXpertDataset
+
+        return CheXpertDataset(root, split=None, uncertain=uncertain)
+    if layout == "mimic":
+        from ..data.mimic import MIMICDataset
+
+        return MIMICDataset(root, split=None, uncertain=uncertain)
     if layout == "nih":
         from ..data.nih import NIHDataset
 
         findings = [f for f in CHEXNET_FINDINGS if f in labels]
         if not findings:
             raise CxrExplainError(f"the model's outputs ({', '.join(labels)}) include no NIH finding")
-        return NIHDataset(root, boxed_only=True, findings=findings)
+        # the CheXlocalize full set / cut-off tuning also scores images without boxes
+        return NIHDataset(root, boxed_only=not _chexlocalize_all_pairs(args), findings=findings)
     if layout == "rsna":
         from ..data.rsna import RSNADataset
 
@@ -110,23 +130,78 @@ def load_dataset_from_args(args, labels) -> object:
     return FolderDataset(root, labels_csv=getattr(args, "labels_csv", None))
 
 
+def detect_layout(root: Path) -> str:
+    """The layout of ``root`` from its files: NIH (Data_Entry*.csv), RSNA (stage_2_train_labels.csv),
+    CheXlocalize (gt_segmentations_*.json, also under CheXlocalize/), MIMIC-CXR-JPG
+    (mimic-cxr-2.0.0-chexpert.csv[.gz]), CheXpert (a train/valid/val_labels/test_labels CSV with a
+    Path column, also under CheXpert/), else a plain folder of images."""
+    if any(root.glob("Data_Entry*.csv")):
+        return "nih"
+    if (root / "stage_2_train_labels.csv").is_file():
+        return "rsna"
+    if any(root.glob("gt_segmentations_*.json")) or any(root.glob("CheXlocalize/gt_segmentations_*.json")):
+        return "chexlocalize"
+    if any(root.glob("mimic-cxr-2.0.0-chexpert.csv*")):
+        return "mimic"
+    from ..data.chexpert import SPLIT_NAMES, find_label_csv
+
+    for sp in SPLIT_NAMES:
+        csv = find_label_csv(root, sp)
+        if csv is not None:
+            with open(csv, encoding="utf-8-sig") as fh:
+                if "Path" in [c.strip() for c in fh.readline().split(",")]:
+                    return "chexpert"
+    return "folder"
+
+
+def resolve_layout(args) -> str:
+    """``--layout``, or the one :func:`detect_layout` finds at ``--data``."""
+    layout = getattr(args, "layout", "auto") or "auto"
+    return detect_layout(Path(args.data)) if layout == "auto" else layout
+
+
+def _chexlocalize_all_pairs(args) -> bool:
+    return (getattr(args, "chexlocalize_cutoffs", "none") == "tune"
+            or getattr(args, "chexlocalize_iou", "true_positive") == "full")
+
+
 def evaluate_cli(args) -> Path:
     """``cxr-explain evaluate``: run :func:`~.runner.evaluate`, print Table 2 and the report path."""
     from ..attribution.methods import parse_method_options
     from .runner import evaluate
     from .summary import table2_text
 
+    if Path(args.data).is_dir() and resolve_layout(args) in ("chexpert", "mimic"):
+        raise CxrExplainError(
+            f"{args.data}: {resolve_layout(args)} label files have no lesion masks or boxes to score heat maps "
+            "against; for localisation use CheXlocalize (its gt_segmentations_*.json beside the CheXpert files)")
     method_options = parse_method_options(args.methods, getattr(args, "method_option", None) or [])
     model = load_model_from_args(args)
     ds = load_dataset_from_args(args, list(model.cxr_spec.labels))
     no_report = bool(getattr(args, "no_report", False))
+    from ..data.chexlocalize import CheXlocalizeDataset
+
+    cxl = bool(getattr(args, "chexlocalize", False)) or isinstance(ds, CheXlocalizeDataset)
     out = evaluate(model, ds, methods=args.methods, thresholds=args.thresholds, out_dir=args.out,
                    batch_size=args.batch_size, device=args.device, workers=args.workers, split=args.split,
                    resize=args.resize, empty_region=args.empty_region, save_maps=not args.no_maps,
                    faithfulness=args.faithfulness, progress=not args.no_progress, use_masks=not args.no_masks,
                    faithfulness_images=args.faithfulness_images, max_images=args.max_images,
-                   report=not no_report and not getattr(args, "intention", None),
+                   report=not no_report and not getattr(args, "intention", None) and not cxl,
                    method_options=method_options, versus=getattr(args, "versus", None))
+    cxl_table = None
+    if cxl:
+        from .chexlocalize import run_chexlocalize
+
+        cxl_table = run_chexlocalize(
+            model, ds, args.methods, out, segmentation=args.chexlocalize_segmentation,
+            cutoffs=args.chexlocalize_cutoffs, mode=args.chexlocalize_iou, split=args.split,
+            max_images=args.max_images, batch_size=args.batch_size, device=args.device, workers=args.workers,
+            progress=not args.no_progress, method_options=method_options)
+        if not no_report and not getattr(args, "intention", None):
+            from ..report.html import write_report
+
+            write_report(out)
     if getattr(args, "intention", None):
         from .intention import intention_analysis
 
@@ -138,6 +213,8 @@ def evaluate_cli(args) -> Path:
 
             write_report(out)
     print(table2_text(out, "all", "box" if (out / "tables" / "table2_all_box.md").is_file() else "mask"))
+    if cxl_table is not None:
+        print(cxl_table.read_text(encoding="utf-8"))
     if not no_report:
         print(f"report: {(Path(out) / 'report.html').resolve()}")
     return out

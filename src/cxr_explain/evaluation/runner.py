@@ -184,11 +184,15 @@ def _check_run_file(out: Path, settings: dict) -> dict:
 
 
 def image_splits(dataset: Any) -> dict[str, str]:
-    """``{image_id: split}`` from the dataset's split file (NIH / RSNA readers), or the dataset's own
-    ``split`` for every image; ``{}`` when neither is known."""
+    """``{image_id: split}`` from the dataset's split file (NIH / RSNA readers), its ``image_split``
+    mapping (CheXpert-style readers), or the dataset's own ``split`` for every image; ``{}`` when none
+    is known."""
     own = getattr(dataset, "split", None)
     if own:
         return {i: str(own) for i in dataset.ids}
+    per_image = getattr(dataset, "image_split", None)  # CheXpert / CheXlocalize / MIMIC readers
+    if isinstance(per_image, dict) and per_image:
+        return {i: str(per_image[i]) for i in dataset.ids if i in per_image}
     from ..data.nih import NIHDataset
     from ..data.rsna import RSNADataset
 

@@ -188,6 +188,10 @@ def write_report(results_dir: str | os.PathLike, gallery_per_finding: int = 6, t
             parts.append(f"<p><img class='fig' alt='{k}' src='{_file_uri(paths[0])}'></p>")
     parts.append("<h2>Other localisation metrics</h2>")
     parts.append(_section_tables(d, sorted(p.stem for p in (d / TABLES_DIR).glob("metrics_*.md"))))
+    cxl = sorted(p.stem for p in (d / TABLES_DIR).glob("chexlocalize*.md"))
+    if cxl:
+        parts.append("<h2>CheXlocalize protocol: mIoU and hit rate per pathology</h2>")
+        parts.append(_section_tables(d, cxl))
     extra = sorted(p.stem for p in (d / TABLES_DIR).glob("faithfulness*.md")) + \
         sorted(p.stem for p in (d / TABLES_DIR).glob("randomization*.md"))
     if extra:
