@@ -57,8 +57,16 @@ def test_rsp_on_vgg16_conserves_the_start_relevance():
     start = e.layer_sums["features_28"]  # Σ R at the last conv's output = Σ of the start tensor
     assert torch.isfinite(e.maps).all()
     torch.testing.assert_close(e.maps.flatten(1).sum(1), start, rtol=1e-8, atol=1e-10)
-    # the start is the Grad-CAM-like tensor divided by its max: its max is 1
-    assert e.maps.abs().sum() > 0
+    # the start, computed independently: T = A ⊙ mean_hw ∂y_t/∂A at the last ReLU (features[29]),
+    # divided by (max T + 1e-9), so its largest entry is 1
+    A = model.features[:30](x).detach().requires_grad_(True)
+    y = model.classifier(torch.flatten(model.avgpool(model.features[30](A)), 1))
+    for b, t in enumerate((3, 1)):
+        (g,) = torch.autograd.grad(y[b, t], A, retain_graph=True)
+        T = A[b] * g[b].mean((1, 2), keepdim=True)
+        T = T / (T.max() + 1e-9)
+        assert abs(float(T.max()) - 1.0) < 1e-5  # 1e-9 / max T short of 1
+        torch.testing.assert_close(start[b], T.sum().detach(), rtol=1e-8, atol=1e-10)
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "densenet121"])
