@@ -8,8 +8,10 @@ import torchvision
 from torchvision.models.resnet import Bottleneck, ResNet
 
 
-def realistic(model: nn.Module, size: int = 64, seed: int = 0, n: int = 8) -> nn.Module:
-    """Random γ/β, non-zero biases, running statistics estimated on random images; eval mode."""
+def realistic(model: nn.Module, size: int = 64, seed: int = 0, n: int = 8, channels: int = 3,
+              scale: float = 1.0) -> nn.Module:
+    """Random γ/β, non-zero biases, running statistics estimated on random images (``channels``,
+    values ``scale`` × N(0, 1): 1024 for xrv's input range); eval mode."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
@@ -21,7 +23,7 @@ def realistic(model: nn.Module, size: int = 64, seed: int = 0, n: int = 8) -> nn
                 m.reset_running_stats()
                 m.momentum = None
         model.train()
-        model(torch.randn(n, 3, size, size, generator=g))
+        model(torch.randn(n, channels, size, size, generator=g) * scale)
         model.eval()
     return model
 

@@ -38,7 +38,9 @@ def test_explain_writes_maps_and_overlays_for_png_and_dicom(tmp_path, checkpoint
     before = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
     assert main(["explain", str(png), str(dcm), "--checkpoint", str(checkpoint), "--method", "lrp,rap,cam",
                  "--target", "Cardiomegaly,Effusion", "--out", str(tmp_path), "--size", "64"]) == 0
-    assert "2 images already done" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "2 images already done" in out
+    assert out.count("cam: feature map of layer layer4 (channels-first)") == 1  # stated once
     assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == before
 
 

@@ -80,7 +80,8 @@ def test_a_cam_variant_in_one_class_is_picked_up_everywhere(registered, capsys):
         grads = cam.activations_and_grads.gradients[0].numpy()
         ref = np.maximum(cam.get_cam_image(x, model.layer4, None, acts, grads), 0)
     np.testing.assert_allclose(ours.raw_maps.numpy(), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
-    assert ours.signed is False and ours.feature_layer == "layer4.1.relu"  # the node "layer4" resolved to
+    assert ours.signed is False and ours.feature_layer == "layer4"  # the module named, whose output it read
+    assert ours.feature_layout == "channels-first"
     assert map_style("xgradcam-test") == map_style("gradcam") != map_style("lrp")  # figures colour it as a CAM
     assert main(["methods"]) == 0
     line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("xgradcam-test"))

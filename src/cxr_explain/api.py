@@ -70,10 +70,12 @@ class LoadedImage:
 
 def load_images(paths: Sequence[PathLike], model: Optional[nn.Module] = None, preprocessing: Optional[str] = None,
                 size: Optional[int] = None) -> list[LoadedImage]:
-    """Read PNG / JPEG / DICOM files and preprocess them the way ``model``'s checkpoint family expects."""
+    """Read PNG / JPEG / DICOM files and preprocess them the way ``model``'s checkpoint family expects
+    (a torchxrayvision model: xrv's 1-channel [−1024, 1024] convention at its native resolution)."""
     from .data.images import get_preprocessing, read_image
+    from .models.xrv import model_spec
 
-    spec = getattr(model, "cxr_spec", None)
+    spec = model_spec(model) if model is not None else None
     name = preprocessing or getattr(spec, "preprocessing", None) or "imagenet-rgb"
     pre = get_preprocessing(name, size=size or getattr(spec, "input_size", None) or 224)
     out = []

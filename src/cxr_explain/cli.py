@@ -64,7 +64,7 @@ def _explain_command(args: argparse.Namespace) -> int:
     model = model.to(args.device)
     dtype = torch.float64 if args.dtype == "float64" else None
     names = model_labels(model)
-    written, skipped = [], 0
+    written, skipped, stated = [], 0, set()
     for path in tqdm(args.images, desc="explaining", unit="image", disable=len(args.images) < 2):
         todo = [m for m in methods if not _done(path, m.name, target, names, args.out)]
         if not todo:  # a rerun resumes: outputs of finished images are kept, not recomputed
@@ -74,6 +74,9 @@ def _explain_command(args: argparse.Namespace) -> int:
         x = img.tensor.unsqueeze(0)
         for method in todo:
             e = explain(model, x, method, target=target, dtype=dtype, layer=args.layer)
+            if e.feature_layer and method.name not in stated:  # CAM family: which map was read, once
+                stated.add(method.name)
+                print(f"{method.name}: feature map of layer {e.feature_layer} ({e.feature_layout})")
             maps = e.maps[0].reshape(-1, *e.maps.shape[-2:])
             labels_0 = e.target_names[0] if isinstance(e.target_names[0], list) else [e.target_names[0]]
             for h, label in zip(maps, labels_0):

@@ -21,3 +21,8 @@ class DataError(CxrExplainError):
 
 class CheckpointError(CxrExplainError):
     """A checkpoint cannot be loaded strictly into the requested architecture."""
+
+
+class TraceError(CxrExplainError):
+    """torch.fx cannot trace the model (data-dependent control flow); propagation methods need the
+    trace, gradient- and CAM-family methods run on the model itself instead."""

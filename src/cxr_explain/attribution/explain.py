@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import CxrExplainError
+from ..models.xrv import explainable_model
 from .explanation import Explanation
 from .methods import Method, Request, get_method
 from .targets import TargetSpec, as_target
@@ -90,6 +91,9 @@ def explain(
     ``dtype``: e.g. ``torch.float64`` for reference-grade numbers (the model is copied).
     ``layer``: the CAM family's feature layer (module path or node name; default: the last spatial map).
     ``keep_relevance``: layers (module path or node name) whose output relevance to return.
+
+    A torchxrayvision ``DenseNet`` / ``ResNet`` is explained through its logits (before xrv's
+    sigmoid and ``op_norm``), with its ``pathologies`` as label names (:mod:`cxr_explain.models.xrv`).
     """
     m = get_method(method, **{**(method_options or {}), **options})
     if images.dim() == 3:
@@ -97,6 +101,7 @@ def explain(
     if images.dim() != 4:
         raise CxrExplainError(f"images must be (B, C, H, W); got shape {tuple(images.shape)}")
     tgt = as_target(target)
+    model = explainable_model(model, images)  # torchxrayvision classifiers: their logits, traceable
     labels = model_labels(model)
     net = _model_in(model, dtype)
     p = next(net.parameters(), None)

@@ -23,7 +23,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import CxrExplainError, UnsupportedOpError
+from ..errors import CxrExplainError, TraceError, UnsupportedOpError
 
 # --------------------------------------------------------------------------------------------
 # Op classification
@@ -142,9 +142,10 @@ class TracedModel:
             self.graph_module = fx.symbolic_trace(model)
         except Exception as exc:  # torch.fx raises many types; report one line
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise CxrExplainError(
-                f"cannot trace {type(model).__name__} with torch.fx ({first}); models with "
-                "data-dependent control flow are not supported: wrap the classifier in a plain nn.Module"
+            raise TraceError(
+                f"cannot trace {type(model).__name__} with torch.fx ({first}); propagation methods need a "
+                "model without data-dependent control flow: wrap the classifier in a plain nn.Module "
+                "(gradient and CAM-family methods run without the trace)"
             ) from None
         self.modules = dict(self.graph_module.named_modules())
         self.nodes: list[LayerNode] = []
@@ -282,12 +283,14 @@ class TracedModel:
     def find(self, layer: str) -> LayerNode:
         """The node of a module path (``features.norm5``, ``layer4``) or an fx node name.
 
-        A module that is a container (``layer4``) resolves to its last node. Unknown names raise an
-        error that suggests the closest names.
+        A module that is a container (``layer4``) resolves to its last node, functional ones included
+        (a ConvNeXt block's residual ``add``). Unknown names raise an error that suggests the closest names.
         """
         if layer in self.by_name:
             return self.by_name[layer]
         matches = [n for n in self.nodes if n.module_path == layer]
+        if not matches:
+            matches = [n for n in self.nodes if layer in _module_stack(n)]
         if not matches:
             prefix = layer + "."
             matches = [n for n in self.nodes if n.module_path and n.module_path.startswith(prefix)]
@@ -297,6 +300,14 @@ class TracedModel:
         close = difflib.get_close_matches(layer, candidates, n=3, cutoff=0.5)
         hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
         raise CxrExplainError(f"no layer named {layer!r} in {self.model_name}{hint}")
+
+    def name_of(self, node: LayerNode) -> str:
+        """The outermost module whose output ``node`` is (:meth:`find` resolves it back to ``node``),
+        else its module path or node name."""
+        for path in _module_stack(node):
+            if self.find(path) is node:
+                return path
+        return node.module_path or node.name
 
     def check_supported(self, has_rule: Callable[[LayerNode], bool], method: str) -> None:
         """Raise :class:`UnsupportedOpError` naming the first relevant node without a rule."""
@@ -324,11 +335,31 @@ def trace(model: nn.Module) -> TracedModel:
     return traced
 
 
+_UNTRACEABLE: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+
+
+def try_trace(model: nn.Module) -> Optional[TracedModel]:
+    """:func:`trace`, or None when the model cannot be traced into a graph the engine reads (torch.fx
+    fails, or the graph has several inputs or outputs); remembered per model object."""
+    if model in _UNTRACEABLE:
+        return None
+    try:
+        return trace(model)
+    except CxrExplainError:
+        _UNTRACEABLE.add(model)
+        return None
+
+
 def clear_trace_caches() -> None:
     """Drop the modified weights (W⁺, |W⁻| …) every traced model keeps between calls; the traces stay.
     They are rebuilt on the next call; a notebook explaining a VGG-16 in float64 frees ~1 GB a copy."""
     for traced in list(_TRACE_CACHE.values()):
         traced.__dict__.get("weight_cache", {}).clear()
+
+
+def _module_stack(node: LayerNode) -> list[str]:
+    """Paths of the modules whose forward computed ``node``, outermost first (torch.fx's meta)."""
+    return [v[0] for v in node.fx_node.meta.get("nn_module_stack", {}).values()]
 
 
 def _flat_node_args(node: fx.Node) -> list[fx.Node]:

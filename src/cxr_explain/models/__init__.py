@@ -8,6 +8,7 @@ from .checkpoints import (
     load_checkpoint,
     save_checkpoint,
 )
+from .xrv import explainable_model, is_xrv_model, model_spec, xrv_spec
 from .zoo import (
     ARCHS,
     BENCHMARK_LABELS,
@@ -28,6 +29,6 @@ from .zoo import (
 __all__ = [
     "ARCHS", "BENCHMARK_LABELS", "CHEXNET_LABELS", "LABEL_SETS", "OWN_FORMAT", "PNEUMONIA_LABELS",
     "PNEUMONIA_SOFTMAX_LABELS", "PREPROCESSING", "XRV_LABELS", "LoadReport", "ModelSpec",
-    "build_model", "default_labels", "get_spec", "infer_architecture", "label_index",
-    "load_checkpoint", "resolve_labels", "save_checkpoint",
+    "build_model", "default_labels", "explainable_model", "get_spec", "infer_architecture", "is_xrv_model",
+    "label_index", "load_checkpoint", "model_spec", "resolve_labels", "save_checkpoint", "xrv_spec",
 ]

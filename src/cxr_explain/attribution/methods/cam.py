@@ -1,6 +1,8 @@
 """The CAM family: a weighted low-resolution feature map, upsampled (bilinear) to the input.
 
-A Grad-CAM variant is one subclass of :class:`GradCamFamily` overriding :meth:`channel_weights`."""
+A Grad-CAM variant is one subclass of :class:`GradCamFamily` overriding :meth:`channel_weights`.
+Every method runs on the traced graph where torch.fx traces the model, else on the model itself
+with forward hooks (:mod:`..hooks`); the result states the feature layer and its layout."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -11,8 +13,10 @@ import torch.nn.functional as F
 
 from ...errors import CxrExplainError
 from .. import cam as cam_maps
+from .. import hooks
 from ..explanation import Explanation, finish
-from ..graph import trace
+from ..graph import try_trace
+from ..layouts import declared_prefix_tokens
 from ..targets import Selection, select
 from .base import Family, Method, Request, register
 
@@ -47,11 +51,19 @@ class Cam(CamMethod):
     def explain(self, request: Request) -> Explanation:
         if request.layer is not None:
             raise CxrExplainError("CAM reads the feature map before the global pool; layer= is for gradcam")
-        traced = trace(request.model)
-        raw, logits, sel = cam_maps.cam(traced, request.x, lambda y: select(request.target, y, request.labels))
-        head, gap = cam_maps.cam_head(traced)
+        choose = lambda y: select(request.target, y, request.labels)  # noqa: E731
+        traced = try_trace(request.model)
+        if traced is not None:
+            try:
+                head, gap = cam_maps.cam_head(traced)
+            except CxrExplainError:
+                traced = None  # e.g. a channels-last mean: the module path below may still find the GAP
+        if traced is None:
+            raw, logits, sel, pool, layout = hooks.cam(request.model, request.x, choose)
+            return self.finish(raw, logits, sel, request.x, layer=f"input of {pool}", layout=layout.kind)
+        raw, logits, sel = cam_maps.cam(traced, request.x, choose)
         src = gap.inputs[0]
-        return self.finish(raw, logits, sel, request.x, layer=src.module_path or src.name)
+        return self.finish(raw, logits, sel, request.x, layer=traced.name_of(src))
 
 
 @dataclass(frozen=True)
@@ -63,10 +75,17 @@ class GradCamFamily(CamMethod):
         raise NotImplementedError
 
     def explain(self, request: Request) -> Explanation:
-        traced = trace(request.model)
-        raw, logits, sel, feat = cam_maps.gradcam(traced, request.x, lambda y: select(request.target, y, request.labels),
-                                                  layer=request.layer, channel_weights=self.channel_weights)
-        return self.finish(raw, logits, sel, request.x, layer=feat.module_path or feat.name)
+        choose = lambda y: select(request.target, y, request.labels)  # noqa: E731
+        prefix = declared_prefix_tokens(request.model)
+        traced = try_trace(request.model)
+        if traced is None:
+            raw, logits, sel, name, layout = hooks.gradcam(request.model, request.x, choose, layer=request.layer,
+                                                           channel_weights=self.channel_weights, prefix_tokens=prefix)
+        else:
+            raw, logits, sel, feat, layout = cam_maps.gradcam(traced, request.x, choose, layer=request.layer,
+                                                              channel_weights=self.channel_weights, prefix_tokens=prefix)
+            name = traced.name_of(feat)
+        return self.finish(raw, logits, sel, request.x, layer=name, layout=layout.kind)
 
 
 @register

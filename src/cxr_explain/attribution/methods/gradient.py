@@ -1,4 +1,5 @@
-"""The gradient family: autograd from the explained output to the input pixels."""
+"""The gradient family: autograd from the explained output to the input pixels, through the traced
+graph, or through the model itself when torch.fx cannot trace it (:mod:`..hooks`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -9,7 +10,8 @@ import torch
 from ...errors import CxrExplainError
 from .. import gradients
 from ..explanation import Explanation, finish
-from ..graph import record_forward, trace
+from ..graph import try_trace
+from ..hooks import model_logits
 from ..targets import select
 from .base import Family, Method, Request, option, register
 
@@ -23,14 +25,22 @@ class GradientMethod(Method):
 
     family: ClassVar[Family] = Family.GRADIENT
 
+    @staticmethod
+    def logits_of(request: Request) -> gradients.LogitsOf:
+        """``x -> logits``: the traced graph where torch.fx traces the model, else the model itself
+        (a final sigmoid / softmax skipped either way; the same numbers where both run)."""
+        traced = try_trace(request.model)
+        if traced is not None:
+            return gradients.traced_logits(traced)
+        return lambda x: model_logits(request.model, x)
+
     def attribute(self, grad: Tensor, x: Tensor) -> Tensor:
         """(K, B, C, H, W) attribution from the input gradient ``∂v/∂x`` of the same shape."""
         raise NotImplementedError
 
     def explain(self, request: Request) -> Explanation:
-        traced = trace(request.model)
         x = request.x
-        g, logits, sel = gradients.input_gradients(traced, x, lambda y: select(request.target, y, request.labels))
+        g, logits, sel = gradients.input_gradients(self.logits_of(request), x, lambda y: select(request.target, y, request.labels))
         rel = self.attribute(g, x) * sel.valid.T.reshape(*sel.valid.T.shape, 1, 1, 1)
         return finish(self.name, self.signed, rel.sum(2), logits, sel, input_relevance=rel)
 
@@ -75,11 +85,11 @@ class IntegratedGradients(GradientMethod):
     def explain(self, request: Request) -> Explanation:
         if self.steps < 1:
             raise CxrExplainError(f"integrated-gradients: steps={self.steps}; use at least 1")
-        traced = trace(request.model)
+        logits_of = self.logits_of(request)
         x = request.x
         with torch.no_grad():
-            logits = record_forward(traced, x, keep=set())[traced.logits]
+            logits = logits_of(x)
         sel = select(request.target, logits, request.labels)
-        rel = gradients.integrated_gradients(traced, x, sel, steps=self.steps)
+        rel = gradients.integrated_gradients(logits_of, x, sel, steps=self.steps)
         rel = rel * sel.valid.T.reshape(*sel.valid.T.shape, 1, 1, 1)
         return finish(self.name, self.signed, rel.sum(2), logits, sel, input_relevance=rel)
