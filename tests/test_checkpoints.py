@@ -326,6 +326,37 @@ def test_unreadable_files_fail_naming_the_file(tmp_path: Path) -> None:
     assert "cannot tell the architecture" in _one_line(info) and "encoder.weight" in str(info.value)
 
 
+def test_trust_pickle_hint_only_for_a_genuine_pickle(tmp_path: Path) -> None:
+    """Random bytes, an empty file, a truncated archive or pickle are "not a PyTorch checkpoint";
+    only a well-formed pickle of objects (zip or legacy format) earns the --trust-pickle hint."""
+    import os
+
+    module = nn.Linear(2, 2)
+    zipped, legacy = tmp_path / "obj.pt", tmp_path / "obj_legacy.pt"
+    torch.save({"model": module}, zipped)
+    torch.save({"model": module}, legacy, _use_new_zipfile_serialization=False)
+    bad = {
+        "random.pt": os.urandom(4096),
+        "empty.pt": b"",
+        "truncated_zip.pt": zipped.read_bytes()[:300],
+        "truncated_legacy.pt": legacy.read_bytes()[:120],
+        "pickle_then_noise.pt": legacy.read_bytes()[:40] + os.urandom(200),
+    }
+    for name, data in bad.items():
+        path = tmp_path / name
+        path.write_bytes(data)
+        with pytest.raises(CheckpointError) as info:
+            load_checkpoint(path)
+        msg = _one_line(info)
+        assert msg.startswith(f"not a PyTorch checkpoint: {path}"), msg
+        assert "trust" not in msg.replace(str(path), "").lower(), msg
+    for path in (zipped, legacy):
+        with pytest.raises(CheckpointError) as info:
+            load_checkpoint(path)
+        msg = _one_line(info)
+        assert "torch.nn.modules.linear.Linear" in msg.split(",")[0] and "--trust-pickle" in msg, msg
+
+
 def test_own_format_round_trip_fp32(tmp_path: Path) -> None:
     torch.manual_seed(4)
     model = _randomise_bn(build_model("resnet18", labels="benchmark", provenance={"trained_on": "phantom"}))

@@ -25,6 +25,7 @@ import hashlib
 import io
 import os
 import pickle
+import pickletools
 import re
 import types
 from collections.abc import Mapping
@@ -134,32 +135,96 @@ def _stub_pickle_module(stubbed: list[str]) -> types.ModuleType:
     return mod
 
 
+def checkpoint_container(path: str | os.PathLike[str]) -> str:
+    """What kind of file ``torch.load`` would read: ``"zip"`` (``torch.save`` since 1.6), ``"pickle"``
+    (the legacy format: a pickle stream), ``"tar"`` (the oldest format); raise
+    :class:`CheckpointError` "not a PyTorch checkpoint" for anything else (text, images, random bytes).
+
+    Only the first bytes are read: a zip starts with ``PK\\x03\\x04``, a pickle with the PROTO
+    opcode ``\\x80`` and a protocol number 2..5, a tar has ``ustar`` at byte 257."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"checkpoint not found: {p}; check the path")
+    if p.is_dir():
+        raise CheckpointError(f"checkpoint path {p} is a directory; give the weights file inside it")
+    try:
+        with open(p, "rb") as fh:
+            head = fh.read(262)
+    except OSError as exc:
+        raise CheckpointError(f"cannot read checkpoint {p} ({_one_line(exc, 80)}); check its permissions") from None
+    if head[:4] == b"PK\x03\x04":
+        return "zip"
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return "pickle"
+    if head[257:262] == b"ustar":
+        return "tar"
+    what = "an empty file" if not head else f"first bytes {head[:8]!r}"
+    raise CheckpointError(f"not a PyTorch checkpoint: {p} ({what}; torch.save writes a zip archive or, "
+                          "before PyTorch 1.6, a pickle); check the path")
+
+
+def _pickle_globals(path: Path, container: str) -> list[str] | None:
+    """The classes and functions a checkpoint's pickle refers to (``module.name``), or None when the
+    pickle cannot be parsed (a damaged file). Read with :mod:`pickletools`, which executes nothing."""
+    if container == "zip":
+        try:
+            return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+        except Exception:  # noqa: BLE001 - a damaged archive: no name list
+            return None
+    if container != "pickle":
+        return None
+    names: list[str] = []
+    try:
+        with open(path, "rb") as fh:
+            for _ in range(4):  # legacy layout: magic number, protocol, sys info, then the object
+                strings: list[str] = []
+                for op, arg, _pos in pickletools.genops(fh):
+                    if op.name in ("GLOBAL", "INST"):
+                        names.append(str(arg).replace(" ", "."))
+                    elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                        names.append(f"{strings[-2]}.{strings[-1]}")
+                    elif isinstance(arg, str):
+                        strings.append(arg)
+    except Exception:  # noqa: BLE001 - ValueError / EOFError / struct errors: not a well-formed pickle
+        return None
+    return names
+
+
+def _commonness(name: str) -> int:
+    """0 for a class of some package (the reason a pickle needs trust), 1 for torch classes, 2 for the
+    plumbing every checkpoint pickle refers to (storages, tensor rebuilders, builtins)."""
+    plumbing = ("__builtin__.", "builtins.", "collections.", "_codecs.", "copyreg.", "torch._utils.")
+    if name.startswith(plumbing) or name.endswith("Storage") or name in ("torch.Size", "torch.device"):
+        return 2
+    return 1 if name.startswith("torch.") else 0
+
+
 def _read(path: Path, trust_pickle: bool, notes: list[str]) -> Any:
-    """``torch.load`` with ``weights_only=True``; a full unpickle only when ``trust_pickle``."""
-    if not path.exists():
-        raise CheckpointError(f"checkpoint not found: {path}; check the path")
-    if path.is_dir():
-        raise CheckpointError(f"checkpoint path {path} is a directory; give the weights file inside it")
+    """``torch.load`` with ``weights_only=True``; a full unpickle only when ``trust_pickle``.
+
+    The ``trust_pickle`` hint is given only for a well-formed pickle that refers to classes a
+    weights-only load refuses; a damaged or foreign file is "not a PyTorch checkpoint"."""
+    container = checkpoint_container(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if "weights only load failed" not in str(exc).lower():
             raise CheckpointError(
-                f"{path} is not a PyTorch checkpoint ({_one_line(exc, 80)}); check the path") from None
-        if not trust_pickle:
-            try:
-                names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-            except Exception:  # noqa: BLE001 - legacy files cannot be scanned; the name list is a nicety
-                names = []
-            names = sorted(names, key=lambda n: (n.startswith("torch."), n))  # the unusual ones first
-            what = f" ({_preview(names, 3)})" if names else ""
+                f"not a PyTorch checkpoint: {path} ({_one_line(exc, 80)}); check the path") from None
+        names = _pickle_globals(path, container)
+        if not names:
             raise CheckpointError(
-                f"{path} holds pickled Python objects{what}, and unpickling can run arbitrary code; "
-                "if you trust its source, pass trust_pickle=True (CLI: --trust-pickle)") from None
+                f"not a PyTorch checkpoint: {path} (a {container} file torch.load cannot read: it is "
+                "truncated or damaged); check the path or copy the file again") from None
+        if not trust_pickle:
+            names = sorted(set(names), key=lambda n: (_commonness(n), n))  # the unusual ones first
+            raise CheckpointError(
+                f"{path} holds pickled Python objects ({_preview(names, 3)}), and unpickling can run "
+                "arbitrary code; if you trust its source, pass trust_pickle=True (CLI: --trust-pickle)") from None
     except Exception as exc:  # noqa: BLE001 - EOFError, KeyError, RuntimeError … all mean "not a checkpoint"
         raise CheckpointError(
-            f"{path} is not a PyTorch checkpoint torch.load can read "
-            f"({type(exc).__name__}: {_one_line(exc, 80)}); check the path") from None
+            f"not a PyTorch checkpoint: {path} (torch.load: {type(exc).__name__}: {_one_line(exc, 80)}); "
+            "check the path or copy the file again") from None
     stubbed: list[str] = []
     try:
         obj = torch.load(path, map_location="cpu", weights_only=False,
