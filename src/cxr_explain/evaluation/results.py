@@ -129,7 +129,7 @@ class ResultsWriter:
         counts = df.groupby(["image_id", "method"]).size()
         complete = {k for k, n in counts.items() if expected is None or expected.get(k, -1) == n}
         keep = [(i, m) in complete for i, m in zip(df["image_id"], df["method"])]
-        if not all(keep) or len(df) != sum(1 for _ in open(self.path, encoding="utf-8")) - 1:
+        if not all(keep) or len(df) != self.path.read_bytes().count(b"\n") - 1:
             tmp = self.path.with_suffix(".csv.tmp")
             df[keep].to_csv(tmp, index=False, na_rep="nan", lineterminator="\n")
             os.replace(tmp, self.path)
