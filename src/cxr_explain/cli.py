@@ -42,12 +42,11 @@ def _explain_arguments(p: argparse.ArgumentParser) -> None:
                    help="float64 gives reference-grade LRP/RAP (ResNet RAP drifts in float32; see README)")
     p.add_argument("--layer", help="feature layer for gradcam / gradcam++ (module path, e.g. layer4)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    _add_threads(p)
 
 
 def _explain_command(args: argparse.Namespace) -> int:
     import torch
-    from tqdm import tqdm
-
     from .api import load_images, load_model, save_explanation
     from .attribution import explain
     from .attribution.explain import model_labels
@@ -65,7 +64,9 @@ def _explain_command(args: argparse.Namespace) -> int:
     dtype = torch.float64 if args.dtype == "float64" else None
     names = model_labels(model)
     written, skipped, stated = [], 0, set()
-    for path in tqdm(args.images, desc="explaining", unit="image", disable=len(args.images) < 2):
+    from .progress import progress_bar
+
+    for path in progress_bar(args.images, desc="explaining", unit="image", disable=len(args.images) < 2):
         todo = [m for m in methods if not _done(path, m.name, target, names, args.out)]
         if not todo:  # a rerun resumes: outputs of finished images are kept, not recomputed
             skipped += 1
@@ -161,7 +162,29 @@ _DELEGATED: dict[str, tuple[str, str, str, str]] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _add_threads(p: argparse.ArgumentParser) -> None:
+    """``--threads`` on a sub-command that does not define it itself."""
+    try:
+        p.add_argument("--threads", type=int, metavar="N",
+                       help="torch CPU threads (default: torch's, one per core; 1 is fastest on a busy machine)")
+    except argparse.ArgumentError:
+        pass  # the sub-command has its own --threads
+
+
+def _delegate(name: str) -> tuple[Callable, Callable]:
+    """Import a delegated sub-command's module: its add-arguments and command functions."""
+    module, add_args, func, _ = _DELEGATED[name]
+    try:
+        mod = importlib.import_module(module)
+        return getattr(mod, add_args), getattr(mod, func)
+    except (ImportError, AttributeError) as exc:
+        raise CxrExplainError(f"`cxr-explain {name}` is not available in this build ({module}: {exc})") from None
+
+
+def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
+    """The ``cxr-explain`` parser. A delegated sub-command's module is imported, and its options
+    added, only when ``command`` names it: listing the commands (``--help``) imports neither torch
+    nor the trainer."""
     parser = argparse.ArgumentParser(
         prog="cxr-explain",
         description="Explain chest X-ray classifiers (CAM, Grad-CAM, LRP, RAP, gradients) and measure "
@@ -179,16 +202,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("phantom", help="generate the synthetic chest X-ray benchmark")
     _phantom_arguments(p)
     p.set_defaults(func=_phantom_command)
-    for name, (module, add_args, func, help_text) in _DELEGATED.items():
-        try:
-            mod = importlib.import_module(module)
-            adder, runner = getattr(mod, add_args), getattr(mod, func)
-        except (ImportError, AttributeError):
-            continue  # that part of the tool is not in this build
+    for name, (_, _, _, help_text) in _DELEGATED.items():
         p = sub.add_parser(name, help=help_text)
-        adder(p)
-        p.set_defaults(func=runner)
+        if name == command:
+            adder, runner = _delegate(name)
+            adder(p)
+            _add_threads(p)
+            p.set_defaults(func=runner)
     return parser
+
+
+def _command_name(argv: Sequence[str]) -> Optional[str]:
+    """The sub-command in ``argv``: its first word that is not an option (top-level options take no value)."""
+    return next((a for a in argv if not a.startswith("-")), None)
 
 
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:
@@ -197,7 +223,13 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     warnings.formatwarning = _one_line_warning
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = _command_name(argv)
+    try:
+        parser = build_parser(command)
+    except CxrExplainError as exc:
+        print(f"cxr-explain {command}: error: {exc}", file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
@@ -205,6 +237,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("default")
+            if getattr(args, "threads", None) is not None:
+                from .runtime import set_threads
+
+                set_threads(args.threads)
             result = args.func(args)
         return int(result or 0) if not isinstance(result, (str, Path)) else 0
     except CxrExplainError as exc:

@@ -265,8 +265,8 @@ def predict(model: nn.Module, loader: DataLoader, device: torch.device, multilab
     loss_sum, n = 0.0, 0
     it = loader
     if progress:
-        from tqdm.auto import tqdm
-        it = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True)
+        from .progress import progress_bar
+        it = progress_bar(loader, desc=desc, leave=False)
     for x, y, idx in it:
         x = x.to(device, non_blocking=True)
         y = y.to(device, non_blocking=True)
@@ -536,8 +536,8 @@ def _train(cfg: TrainConfig, findings: list[str], device: torch.device, d: _Dist
         it: Any = train_loader
         bar = None
         if cfg.progress and d.main:
-            from tqdm.auto import tqdm
-            bar = it = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", dynamic_ncols=True)
+            from .progress import progress_bar
+            bar = it = progress_bar(train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}")
         run_loss, n_batches = 0.0, 0
         for x, y, _ in it:
             x = x.to(device, non_blocking=True)

@@ -474,8 +474,8 @@ def generate(out_dir, n: int, seed: int = 0, layout: str = "nih", size: int = 10
     chunks = [todo[i:i + chunk] for i in range(0, len(todo), chunk)]
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=n, initial=n - len(todo), unit="img", desc=f"phantom {layout}")
+        from ..progress import progress_bar
+        bar = progress_bar(total=n, initial=n - len(todo), unit="img", desc=f"phantom {layout}")
     try:
         if workers == 1 or len(chunks) <= 1:
             for c in chunks:

@@ -71,9 +71,9 @@ def run_faithfulness(model: nn.Module, dataset: Any, out_dir: Path, methods: Seq
     items = list(indices)
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from ..progress import progress_bar
 
-        bar = tqdm(total=len(items) * len(methods), unit="map", desc="faithfulness")
+        bar = progress_bar(total=len(items) * len(methods), unit="map", desc="faithfulness")
     layers = cascade_layers(model)
     for j, i in enumerate(items):
         s = dataset.samples[i]

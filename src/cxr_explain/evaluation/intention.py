@@ -128,9 +128,9 @@ def intention_analysis(
     rows = []
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from ..progress import progress_bar
 
-        bar = tqdm(total=n, unit="img", desc="intention")
+        bar = progress_bar(total=n, unit="img", desc="intention")
     for start in range(0, n, batch_size):
         idx = order[start:start + batch_size]
         xs, metas = [], []

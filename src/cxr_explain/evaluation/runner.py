@@ -368,10 +368,10 @@ def evaluate(
         collate_fn=_collate, persistent_workers=False, pin_memory=dev.type == "cuda")
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from ..progress import progress_bar
 
-        bar = tqdm(total=len(shard), initial=len(shard) - len(todo), unit="img",
-                   desc="evaluate" + (f" rank {rank}" if world > 1 else ""), dynamic_ncols=True)
+        bar = progress_bar(total=len(shard), initial=len(shard) - len(todo), unit="img",
+                           desc="evaluate" + (f" rank {rank}" if world > 1 else ""))
     ctx = {"labels": labels, "pre": pre, "thresholds": thresholds, "resize": resize, "multilabel": info["multilabel"],
            "empty_region": empty_region, "scaling": scaling, "splits": splits, "out": out, "save_maps": save_maps,
            "use_masks": use_masks, "versus": versus_index}
