@@ -8,18 +8,19 @@ from __future__ import annotations
 
 import copy
 from contextlib import contextmanager
-from typing import Any, Iterator, Optional, Sequence, Union
-
-import torch
-import torch.nn as nn
+from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence, Union
 
 from ..errors import CxrExplainError
-from ..models.xrv import explainable_model
-from .explanation import Explanation
 from .methods import Method, Request, get_method
-from .targets import TargetSpec, as_target
 
-Tensor = torch.Tensor
+if TYPE_CHECKING:  # torch is imported on the first call (the package imports this module)
+    import torch
+    import torch.nn as nn
+    from torch import Tensor
+
+    from .explanation import Explanation
+    from .targets import TargetSpec
+
 
 def model_labels(model: nn.Module) -> Optional[list[str]]:
     spec = getattr(model, "cxr_spec", None)
@@ -58,6 +59,8 @@ def full_fp32(device: torch.device) -> Iterator[None]:
     if device.type != "cuda":
         yield
         return
+    import torch
+
     old = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     try:
@@ -95,6 +98,11 @@ def explain(
     A torchxrayvision ``DenseNet`` / ``ResNet`` is explained through its logits (before xrv's
     sigmoid and ``op_norm``), with its ``pathologies`` as label names (:mod:`cxr_explain.models.xrv`).
     """
+    import torch
+
+    from ..models.xrv import explainable_model
+    from .targets import as_target
+
     m = get_method(method, **{**(method_options or {}), **options})
     if images.dim() == 3:
         images = images.unsqueeze(0)

@@ -22,16 +22,16 @@ import dataclasses
 import difflib
 import enum
 from dataclasses import dataclass
-from typing import Any, ClassVar, Optional, Sequence
-
-import torch
-import torch.nn as nn
+from typing import TYPE_CHECKING, Any, ClassVar, Optional, Sequence
 
 from ...errors import CxrExplainError
-from ..explanation import Explanation
-from ..targets import Target
 
-Tensor = torch.Tensor
+if TYPE_CHECKING:  # torch is imported when a method runs, not when the registry is listed
+    import torch.nn as nn
+    from torch import Tensor
+
+    from ..explanation import Explanation
+    from ..targets import Target
 
 
 class Family(str, enum.Enum):

@@ -6,21 +6,16 @@ with forward hooks (:mod:`..hooks`); the result states the feature layer and its
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
-
-import torch
-import torch.nn.functional as F
+from typing import TYPE_CHECKING, ClassVar
 
 from ...errors import CxrExplainError
-from .. import cam as cam_maps
-from .. import hooks
-from ..explanation import Explanation, finish
-from ..graph import try_trace
-from ..layouts import declared_prefix_tokens
-from ..targets import Selection, select
 from .base import Family, Method, Request, register
 
-Tensor = torch.Tensor
+if TYPE_CHECKING:  # the engine is imported when a method runs, not when the registry is listed
+    from torch import Tensor
+
+    from ..explanation import Explanation
+    from ..targets import Selection
 
 
 @dataclass(frozen=True)
@@ -33,6 +28,10 @@ class CamMethod(Method):
     def finish(self, raw: Tensor, logits: Tensor, sel: Selection, x: Tensor, layer: str = None,
                layout: str = "channels-first") -> Explanation:
         """Upsample the (K, B, h, w) maps to the input size and lay them out."""
+        import torch.nn.functional as F
+
+        from ..explanation import finish
+
         k, b, h, w = raw.shape
         up = F.interpolate(raw.reshape(k * b, 1, h, w), size=x.shape[-2:], mode="bilinear", align_corners=False)
         return finish(self.name, self.signed, up.reshape(k, b, *x.shape[-2:]), logits, sel, raw_maps=raw,
@@ -51,6 +50,11 @@ class Cam(CamMethod):
     def explain(self, request: Request) -> Explanation:
         if request.layer is not None:
             raise CxrExplainError("CAM reads the feature map before the global pool; layer= is for gradcam")
+        from .. import cam as cam_maps
+        from .. import hooks
+        from ..graph import try_trace
+        from ..targets import select
+
         choose = lambda y: select(request.target, y, request.labels)  # noqa: E731
         traced = try_trace(request.model)
         if traced is not None:
@@ -75,6 +79,12 @@ class GradCamFamily(CamMethod):
         raise NotImplementedError
 
     def explain(self, request: Request) -> Explanation:
+        from .. import cam as cam_maps
+        from .. import hooks
+        from ..graph import try_trace
+        from ..layouts import declared_prefix_tokens
+        from ..targets import select
+
         choose = lambda y: select(request.target, y, request.labels)  # noqa: E731
         prefix = declared_prefix_tokens(request.model)
         traced = try_trace(request.model)
@@ -98,6 +108,8 @@ class GradCam(GradCamFamily):
     description = "Grad-CAM: ReLU(Σ_c mean(∂y/∂A_c) A_c) at the last spatial map or --layer"
 
     def channel_weights(self, A, g):
+        from .. import cam as cam_maps
+
         return cam_maps.gradcam_weights(A, g)
 
 
@@ -111,4 +123,6 @@ class GradCamPlusPlus(GradCamFamily):
     description = "Grad-CAM++: second-order channel weights Σ ReLU(g)·g²/(2g² + ΣA·g³)"
 
     def channel_weights(self, A, g):
+        from .. import cam as cam_maps
+
         return cam_maps.gradcampp_weights(A, g)

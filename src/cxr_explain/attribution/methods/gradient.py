@@ -3,19 +3,16 @@ graph, or through the model itself when torch.fx cannot trace it (:mod:`..hooks`
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
-
-import torch
+from typing import TYPE_CHECKING, ClassVar
 
 from ...errors import CxrExplainError
-from .. import gradients
-from ..explanation import Explanation, finish
-from ..graph import try_trace
-from ..hooks import model_logits
-from ..targets import select
 from .base import Family, Method, Request, option, register
 
-Tensor = torch.Tensor
+if TYPE_CHECKING:  # the engine is imported when a method runs, not when the registry is listed
+    from torch import Tensor
+
+    from .. import gradients
+    from ..explanation import Explanation
 
 
 @dataclass(frozen=True)
@@ -29,6 +26,10 @@ class GradientMethod(Method):
     def logits_of(request: Request) -> gradients.LogitsOf:
         """``x -> logits``: the traced graph where torch.fx traces the model, else the model itself
         (a final sigmoid / softmax skipped either way; the same numbers where both run)."""
+        from .. import gradients
+        from ..graph import try_trace
+        from ..hooks import model_logits
+
         traced = try_trace(request.model)
         if traced is not None:
             return gradients.traced_logits(traced)
@@ -39,6 +40,10 @@ class GradientMethod(Method):
         raise NotImplementedError
 
     def explain(self, request: Request) -> Explanation:
+        from .. import gradients
+        from ..explanation import finish
+        from ..targets import select
+
         x = request.x
         g, logits, sel = gradients.input_gradients(self.logits_of(request), x, lambda y: select(request.target, y, request.labels))
         rel = self.attribute(g, x) * sel.valid.T.reshape(*sel.valid.T.shape, 1, 1, 1)
@@ -85,6 +90,12 @@ class IntegratedGradients(GradientMethod):
     def explain(self, request: Request) -> Explanation:
         if self.steps < 1:
             raise CxrExplainError(f"integrated-gradients: steps={self.steps}; use at least 1")
+        import torch
+
+        from .. import gradients
+        from ..explanation import finish
+        from ..targets import select
+
         logits_of = self.logits_of(request)
         x = request.x
         with torch.no_grad():

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .. import rules as R
 from .base import option, register
 from .propagation import PropagationMethod, structural_rules
 
@@ -20,6 +19,8 @@ class Lrp(PropagationMethod):
     description = "LRP-α1β0 as the RAP authors' code: z⁺ without bias, zᴮ first layer, starts at the logit"
 
     def rules(self):
+        from .. import rules as R
+
         rules = structural_rules(conv=R.zplus(), linear=R.zplus())
         rules[("conv", "first")] = R.zbox("plus-epsilon", 1e-9)
         rules[("linear", "first")] = R.zbox("plus-epsilon", 1e-9)
@@ -38,6 +39,8 @@ class LrpEpsilon(PropagationMethod):
     epsilon: float = option(0.25, "ε added to each denominator with the sign of z")
 
     def rules(self):
+        from .. import rules as R
+
         rules = structural_rules(conv=R.epsilon(self.epsilon), linear=R.epsilon(self.epsilon))
         rules[("conv", "first")] = R.zbox("safe")
         rules[("linear", "first")] = R.zbox("safe")
@@ -55,6 +58,8 @@ class LrpEpsilonPlus(PropagationMethod):
     epsilon: float = option(0.25, "ε of the linear layers' rule")
 
     def rules(self):
+        from .. import rules as R
+
         rules = structural_rules(conv=R.zplus(), linear=R.epsilon(self.epsilon))
         rules[("conv", "first")] = R.zbox("safe")
         return rules
@@ -69,6 +74,8 @@ class LrpZPlusFlat(PropagationMethod):
     description = "LRP z⁺ on hidden layers, flat rule on the first layer"
 
     def rules(self):
+        from .. import rules as R
+
         rules = structural_rules(conv=R.zplus(), linear=R.zplus())
         rules[("conv", "first")] = R.flat()
         rules[("linear", "first")] = R.flat()
@@ -91,6 +98,8 @@ class LrpAlphaBeta(PropagationMethod):
         return self.alpha - self.beta == 1
 
     def rules(self):
+        from .. import rules as R
+
         rule = R.alpha_beta(self.alpha, self.beta)
         rules = structural_rules(conv=rule, linear=rule)
         rules[("conv", "first")] = R.zbox("safe")

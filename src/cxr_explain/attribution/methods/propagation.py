@@ -9,25 +9,27 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import ClassVar, Optional
-
-import torch
+from typing import TYPE_CHECKING, ClassVar, Optional
 
 from ...errors import CxrExplainError
-from .. import rules as R
-from ..explanation import Explanation, finish
-from ..graph import TracedModel, record_forward, trace
-from ..propagation import RuleKey, RuleMap, propagate
-from ..targets import Selection, select
 from .base import Family, Method, Request
 
-Tensor = torch.Tensor
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from .. import rules as R
+    from ..explanation import Explanation
+    from ..graph import TracedModel
+    from ..propagation import RuleKey, RuleMap
+    from ..targets import Selection
 
 CONSERVATION_TOLERANCE = 1e-3
 
 
 def structural_rules(**overrides: R.Rule) -> dict[RuleKey, R.Rule]:
     """Rules for the parameter-free ops, shared by every composite (``overrides`` by kind)."""
+    from .. import rules as R
+
     base: dict[RuleKey, R.Rule] = {
         "relu": R.Pass(),
         "identity": R.Pass(),
@@ -68,6 +70,8 @@ class PropagationMethod(Method):
         return None
 
     def rule_map(self, traced: TracedModel) -> RuleMap:
+        from ..propagation import RuleMap
+
         return RuleMap(self.name, {**self.rules(), **self.graph_rules(traced)})
 
     def start_relevance(self, sel: Selection, logits: Tensor) -> Tensor:
@@ -76,6 +80,13 @@ class PropagationMethod(Method):
         return seeds if self.start == "one" else seeds * logits.unsqueeze(0)
 
     def explain(self, request: Request) -> Explanation:
+        import torch
+
+        from ..explanation import finish
+        from ..graph import record_forward, trace
+        from ..propagation import propagate
+        from ..targets import select
+
         traced = trace(request.model)
         rules = self.rule_map(traced)
         traced.check_supported(rules.has_rule, self.name)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Optional
+from typing import TYPE_CHECKING, ClassVar, Optional
 
-from .. import rules as R
-from ..graph import TracedModel
 from .base import register
 from .propagation import PropagationMethod, structural_rules
+
+if TYPE_CHECKING:
+    from ..graph import TracedModel
 
 
 @register
@@ -26,6 +27,8 @@ class Rap(PropagationMethod):
     shift: ClassVar[bool] = True  # the uniform shift; rap-noshift is the method without it
 
     def rules(self):
+        from .. import rules as R
+
         hidden = R.RapHidden(shift=self.shift)
         rules = structural_rules(conv=hidden, linear=hidden, batchnorm=R.MaskedPass(),
                                  maxpool=R.WinnerTakesAll(zero_windows="argmax"))
@@ -42,6 +45,8 @@ class Rap(PropagationMethod):
         its inputs are 0, norm2 turns that into a bias-only activation, and the mask drops its
         relevance (Σ map was 8× the logit on a trained model). Passed through, it reaches the conv's
         hidden rule, whose uniform shift conserves it."""
+        from .. import rules as R
+
         dense = any(n.kind == "batchnorm" and n.inputs and n.inputs[0].kind == "cat" for n in traced.nodes)
         return {"batchnorm": R.Pass()} if dense else {}
 

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-
-from ..explanation import Explanation, finish
-from ..graph import trace
-from ..propagation import RuleMap, propagate
-from ..rsp import RSP_RULES, rsp_start, rsp_start_node
-from ..targets import select
 from .base import Request, register
 from .propagation import PropagationMethod
+
+if TYPE_CHECKING:
+    from ..explanation import Explanation
 
 
 @register
@@ -26,9 +23,19 @@ class Rsp(PropagationMethod):
     conserving = False
 
     def rules(self):
+        from ..rsp import RSP_RULES
+
         return dict(RSP_RULES)
 
     def explain(self, request: Request) -> Explanation:
+        import torch
+
+        from ..explanation import finish
+        from ..graph import trace
+        from ..propagation import RuleMap, propagate
+        from ..rsp import rsp_start, rsp_start_node
+        from ..targets import select
+
         traced = trace(request.model)
         rsp_start_node(traced)  # architecture check first: a clear error for ResNet / DenseNet
         node, start, logits, sel, record = rsp_start(traced, request.x,
