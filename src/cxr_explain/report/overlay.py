@@ -74,6 +74,17 @@ def heatmap_to_rgb(h: ArrayLike, cmap: str | None = None, symmetric: bool = True
     return np.round(rgba[..., :3] * 255).astype(np.uint8)
 
 
+def map_strength(h: ArrayLike, symmetric: bool = True) -> np.ndarray:
+    """How strongly each pixel is coloured, in [0, 1]: ``|h| / max|h|`` (signed maps) or
+    ``(h - min) / (max - min)``; all 0 for a constant map."""
+    a = _map2d(h)
+    if symmetric:
+        m = np.abs(a).max() if a.size else 0.0
+        return np.abs(a) / m if m > 0 else np.zeros_like(a)
+    lo, hi = (a.min(), a.max()) if a.size else (0.0, 0.0)
+    return (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
+
+
 def to_gray_uint8(xray: ArrayLike) -> np.ndarray:
     """An X-ray as uint8 (H, W): uint8 as is; float in [0, 1] times 255; anything else (uint16
     DICOM pixels, standardised floats) min-max scaled. (H, W, C) / (C, H, W) are averaged over C."""
@@ -144,11 +155,15 @@ def overlay(
     box_space: tuple[int, int] | None = None,
     masks: Iterable[ArrayLike] = (),
     mask_color: Sequence[int] = GREEN,
+    veil: str = "uniform",
 ) -> np.ndarray:
     """The heatmap blended onto the grayscale X-ray, with boxes and mask contours.
 
     ``h`` is resized (bilinear) to the X-ray's size, coloured by :func:`heatmap_to_rgb` and blended:
-    ``out = (1 - alpha) * gray + alpha * colour``. ``boxes`` are drawn as ``box_width``-px rectangles;
+    ``out = (1 - w) * gray + w * colour`` with ``w = alpha`` (``veil="uniform"``) or, with
+    ``veil="proportional"``, ``w = alpha * s`` where ``s`` is the map's strength in [0, 1]
+    (``|h| / max|h|`` for signed maps, ``(h - min) / (max - min)`` otherwise): the film shows
+    unveiled where the map is 0. ``boxes`` are drawn as ``box_width``-px rectangles;
     they are in the X-ray's pixel space unless ``box_space = (H, W)`` names the space they are in
     (e.g. the original 1024x1024 when the X-ray shown is 224x224). Returns uint8 (H, W, 3).
     """
@@ -156,8 +171,15 @@ def overlay(
         raise CxrExplainError(f"alpha must lie in [0, 1], got {alpha}")
     gray = to_gray_uint8(xray)
     height, width = gray.shape
-    heat = heatmap_to_rgb(resize_map(h, (height, width)), cmap=cmap, symmetric=symmetric)
-    out = (1.0 - alpha) * gray[..., None].astype(np.float64) + alpha * heat.astype(np.float64)
+    full = resize_map(h, (height, width))
+    heat = heatmap_to_rgb(full, cmap=cmap, symmetric=symmetric)
+    if veil == "proportional":
+        w = alpha * map_strength(full, symmetric)[..., None]
+    elif veil == "uniform":
+        w = alpha
+    else:
+        raise CxrExplainError(f"veil must be 'uniform' or 'proportional', got {veil!r}")
+    out = (1.0 - w) * gray[..., None].astype(np.float64) + w * heat.astype(np.float64)
     rgb = np.clip(np.round(out), 0, 255).astype(np.uint8)
     for m in masks:
         draw_contour(rgb, m, mask_color)
@@ -170,15 +192,17 @@ def overlay(
 
 
 # --------------------------------------------------------------------------- files
-def save_png(rgb: ArrayLike, path: Union[str, Path]) -> Path:
-    """Write a uint8 (H, W), (H, W, 3) or (H, W, 4) image as PNG (Pillow); parent folders are created."""
+def save_png(rgb: ArrayLike, path: Union[str, Path], compress_level: int = 6) -> Path:
+    """Write a uint8 (H, W), (H, W, 3) or (H, W, 4) image as PNG (Pillow, zlib ``compress_level``
+    0-9: 3 writes a 1 MP overlay 2-3× faster than the default 6 for ~6 % more bytes); parent
+    folders are created."""
     a = _np(rgb)
     if a.dtype != np.uint8 or not (a.ndim == 2 or (a.ndim == 3 and a.shape[2] in (3, 4))):
         raise CxrExplainError(
             f"save_png needs a uint8 (H, W[, 3|4]) image, got {a.dtype} {a.shape} for {path}")
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(a).save(p, format="PNG")
+    Image.fromarray(a).save(p, format="PNG", compress_level=compress_level)
     return p
 
 
