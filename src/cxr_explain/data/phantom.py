@@ -303,6 +303,24 @@ def _write_dicom(path: Path, ph: Phantom, seed: int) -> None:
     ds.save_as(path, enforce_file_format=True)
 
 
+GENERATOR_PREFIX = "cxr_explain.phantom"
+
+
+def benchmark_root(path: str | os.PathLike[str]) -> Optional[Path]:
+    """The synthetic benchmark folder ``path`` belongs to (``path`` itself or one of its three
+    nearest parents holding a ``phantom.json`` written by this generator), else None."""
+    p = Path(path).resolve()
+    for folder in ([p] if p.is_dir() else []) + list(p.parents)[:3]:
+        meta = folder / "phantom.json"
+        if meta.is_file():
+            try:
+                generator = str(json.loads(meta.read_text()).get("generator", ""))
+            except (ValueError, OSError, AttributeError):
+                return None
+            return folder if generator.startswith(GENERATOR_PREFIX) else None
+    return None
+
+
 def _write_one(out: Path, index: int, seed: int, layout: str, size: int, cfg: PhantomConfig,
                shortcut: str | None) -> dict:
     """Render and write image ``index`` with its masks; return its record (also saved as JSON last)."""

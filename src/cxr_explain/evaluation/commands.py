@@ -3,6 +3,7 @@ and the functions the CLI calls (the CLI itself stays thin)."""
 from __future__ import annotations
 
 import argparse
+import warnings
 from pathlib import Path
 
 from ..errors import CxrExplainError
@@ -177,6 +178,11 @@ def evaluate_cli(args) -> Path:
             "against; for localisation use CheXlocalize (its gt_segmentations_*.json beside the CheXpert files)")
     method_options = parse_method_options(args.methods, getattr(args, "method_option", None) or [])
     model = load_model_from_args(args)
+    from ..models.default import synthetic_model_warning
+
+    note = synthetic_model_warning(model, [args.data], shipped=not getattr(args, "checkpoint", None))
+    if note:
+        warnings.warn(note, UserWarning, stacklevel=2)
     ds = load_dataset_from_args(args, list(model.cxr_spec.labels))
     no_report = bool(getattr(args, "no_report", False))
     from ..data.chexlocalize import CheXlocalizeDataset

@@ -27,7 +27,8 @@ from .checkpoints import load_checkpoint, save_checkpoint
 from .zoo import ModelSpec
 
 __all__ = ["DEFAULT_ASSET", "default_checkpoint_path", "load_default_model", "default_model_info",
-           "render_films", "reference_inputs", "reference_check", "package_default"]
+           "render_films", "reference_inputs", "reference_check", "package_default", "trained_on_benchmark",
+           "synthetic_model_warning"]
 
 DEFAULT_ASSET = "default_densenet121.pt"
 CARD_NAME = "MODEL_CARD.md"
@@ -46,6 +47,31 @@ def load_default_model() -> nn.Module:
     """The shipped DenseNet-121 (benchmark labels, eval mode, ``model.cxr_spec`` set), float32."""
     model, _, _ = load_checkpoint(default_checkpoint_path())
     return model.eval()
+
+
+def trained_on_benchmark(model: nn.Module) -> bool:
+    """Whether ``model`` was trained on cxr-explain's synthetic benchmark (the shipped model, or any
+    checkpoint ``cxr_explain.training`` wrote from a phantom dataset: its provenance names it)."""
+    prov = getattr(getattr(model, "cxr_spec", None), "provenance", None) or {}
+    return bool(prov.get("phantom"))
+
+
+def synthetic_model_warning(model: nn.Module, data: Sequence[Any], shipped: bool = False) -> Optional[str]:
+    """The one line a run warns with (once) and records when a model trained only on the synthetic
+    benchmark is applied to films that are not from it; None for any other model, or when every path
+    in ``data`` (files or folders) lies inside a benchmark folder. ``shipped``: the model is the
+    default one (no ``--checkpoint`` given)."""
+    if not trained_on_benchmark(model):
+        return None
+    from ..data.phantom import benchmark_root
+
+    paths = list(data)
+    if paths and all(benchmark_root(p) is not None for p in paths):
+        return None
+    who = ("the shipped default model (a DenseNet-121 trained only on cxr-explain's synthetic benchmark)"
+           if shipped else "this model was trained only on cxr-explain's synthetic benchmark and")
+    return (f"{who} is applied here to films that are not from that benchmark: its predictions and maps "
+            "on real radiographs mean nothing; pass --checkpoint with a model trained on real chest X-rays")
 
 
 def default_model_info(path: Optional[Path] = None) -> dict[str, Any]:
