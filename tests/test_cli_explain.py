@@ -33,19 +33,19 @@ def test_explain_writes_maps_and_overlays_for_png_and_dicom(tmp_path, checkpoint
                 h = np.load(tmp_path / f"{stem}_{label}_{method}.npy")
                 assert h.shape == (64, 64) and np.isfinite(h).all()
                 png_out = Image.open(tmp_path / f"{stem}_{label}_{method}.png")
-                assert png_out.size == (1024, 1024) and png_out.mode == "RGB"  # overlay on the original
+                # the original film (1024 px) with a header above and a colour bar to its right
+                assert png_out.size[0] > 1024 and png_out.size[1] > 1024 and png_out.mode == "RGB"
     # a rerun keeps what is there and computes nothing
-    before = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+    before = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir() if p.suffix in (".npy", ".png")}
     assert main(["explain", str(png), str(dcm), "--checkpoint", str(checkpoint), "--method", "lrp,rap,cam",
                  "--target", "Cardiomegaly,Effusion", "--out", str(tmp_path), "--size", "64"]) == 0
     out = capsys.readouterr().out
     assert "2 images already done" in out
     assert out.count("cam: feature map of layer layer4 (channels-first)") == 1  # stated once
-    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == before
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir() if p.suffix in (".npy", ".png")} == before
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["explain", "missing.png", "--arch", "resnet18"], "missing.png"),
     (["explain", "{png}", "--arch", "resnet18", "--method", "rapp"], "did you mean rap"),
     (["explain", "{png}", "--arch", "resnet18", "--target", "99"], "out of range"),
     (["explain", "{png}", "--arch", "densenet121", "--method", "rsp"], "RSP is defined for plain"),
@@ -61,9 +61,12 @@ def test_explain_errors_are_one_line_with_exit_code_2(tmp_path, capsys, argv, me
     assert not any("Traceback" in line for line in err)
 
 
-def test_truncated_image_is_a_one_line_error(tmp_path, capsys):
+def test_truncated_or_missing_image_is_a_one_line_failure(tmp_path, capsys):
     png = next(DATA.glob("**/00001369_000.png"))
     bad = tmp_path / "broken.png"
     bad.write_bytes(png.read_bytes()[:2000])
-    assert main(["explain", str(bad), "--arch", "resnet18", "--out", str(tmp_path), "--size", "32"]) == 2
-    assert "broken.png" in capsys.readouterr().err
+    argv = ["explain", str(bad), "missing.png", "--arch", "resnet18", "--out", str(tmp_path), "--size", "32"]
+    assert main(argv) == 1  # the run went through; some inputs failed
+    err = capsys.readouterr().err.splitlines()
+    assert len([e for e in err if "broken.png" in e]) == 1 and len([e for e in err if "missing.png" in e]) == 1
+    assert not any("Traceback" in e for e in err)

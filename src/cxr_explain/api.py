@@ -87,31 +87,40 @@ def load_images(paths: Sequence[PathLike], model: Optional[nn.Module] = None, pr
 
 
 def save_explanation(image: LoadedImage, heatmap: torch.Tensor, out_dir: PathLike, method: str,
-                     label: str, boxes=(), signed: Optional[bool] = None) -> tuple[Path, Path]:
-    """Write ``<stem>_<label>_<method>.npy`` (model-resolution map, float32) and ``….png`` (overlay
-    on the original image: signed maps in the paper's seismic red/blue convention, CAM-family maps
-    non-negative; ``signed`` defaults to what the method says)."""
-    from .report.overlay import overlay, save_png
+                     label: str, boxes=(), signed: Optional[bool] = None, *, name: Optional[str] = None,
+                     logit: Optional[float] = None, probability: Optional[float] = None,
+                     explained: Optional[float] = None, finding: Optional[str] = None) -> tuple[Path, Path]:
+    """Write ``<name>_<label>_<method>.npy`` (model-resolution map, float32) and ``….png``: the map
+    over the original image with a header (file; method, target ``label``, ``probability`` and
+    ``logit`` of ``finding``, the ``explained`` value when it differs), a colour bar and ``boxes``
+    (original pixels), the map's colour in proportion to its strength (``report.annotate``).
+    Signed maps are drawn in seismic red/blue, CAM-family maps in jet; ``signed`` defaults to what
+    the method says. ``name`` (default: the image's file stem) may hold sub-folders."""
+    from .report.annotate import annotated_overlay, caption
+    from .report.overlay import save_png
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = output_stem(image.path, label, method)
-    h = heatmap.detach().cpu().float().numpy()
-    npy = out / f"{stem}.npy"
-    np.save(npy, h)
-    full = image.to_original(h)
     if signed is None:  # ask the method: signed maps in seismic, CAM-family maps in jet
         from .attribution.methods import method_class
 
         signed = method_class(method).signed
-    png = out / f"{stem}.png"
-    save_png(overlay(image.pixels, full, symmetric=signed, boxes=boxes), png)
+    stem = Path(out_dir) / output_stem(name or image.path.stem, label, method)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    h = heatmap.detach().cpu().float().numpy()
+    npy = stem.with_name(stem.name + ".npy")
+    np.save(npy, h)
+    full = image.to_original(h)
+    text = caption(method, label, probability=probability, logit=logit, explained=explained, signed=signed,
+                   finding=finding)
+    rgb = annotated_overlay(image.pixels, full, signed=signed, title=image.path.name, subtitle=text,
+                            boxes=list(boxes))
+    png = save_png(rgb, stem.with_name(stem.name + ".png"), compress_level=3)
     return npy, png
 
 
-def output_stem(path: Path, label: str, method: str) -> str:
-    """``<image stem>_<label>_<method>``: the file name of one saved explanation, without suffix."""
-    return f"{Path(path).stem}_{_safe(label)}_{method}"
+def output_stem(name: str, label: str, method: str) -> str:
+    """``<name>_<label>_<method>``: the name of one saved explanation, without suffix; ``name`` is
+    the image's output name (its file stem, or a relative path without suffix)."""
+    return f"{name}_{_safe(label)}_{method}"
 
 
 def _safe(text: str) -> str:

@@ -25,7 +25,8 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _explain_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("images", nargs="+", help="PNG / JPEG / DICOM files")
+    p.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER",
+                   help="PNG / JPEG / DICOM files, or folders (every image under them, recursively)")
     _add_model_arguments(p)
     p.add_argument("--method", default="lrp,rap,cam",
                    help="comma list of methods (see `cxr-explain methods`); default: lrp,rap,cam")
@@ -35,85 +36,43 @@ def _explain_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default="predicted",
                    help="class index, finding name, 'A-vs-B' (contrast: logit A − logit B), 'prob:NAME', "
                         "a comma list of them, or 'predicted' (default)")
-    p.add_argument("--out", default="cxr_explain_out", help="output folder (default: cxr_explain_out)")
+    p.add_argument("--out", default="cxr_explain_out",
+                   help="output folder (default: cxr_explain_out); a rerun with the same settings resumes it")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace what --out holds from an earlier run (needed when the settings differ)")
+    p.add_argument("--stop-on-error", action="store_true",
+                   help="stop at the first file that fails (default: record it in failures.csv and go on)")
+    p.add_argument("--boxes", metavar="CSV",
+                   help="lesion boxes to draw on the overlays (NIH BBox_List_2017.csv format, matched by file name)")
     p.add_argument("--preprocessing", help="imagenet-rgb | xrv | gray (default: the checkpoint's)")
-    p.add_argument("--size", type=int, help="model input size (default: the checkpoint's, else 224)")
+    p.add_argument("--size", type=int, help="model input size, at least 32 (default: the checkpoint's, else 224)")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32",
                    help="float64 gives reference-grade LRP/RAP (ResNet RAP drifts in float32; see README)")
     p.add_argument("--layer", help="feature layer for gradcam / gradcam++ (module path, e.g. layer4)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_threads(p)
 
 
 def _explain_command(args: argparse.Namespace) -> int:
-    import torch
-    from .api import load_images, load_model, save_explanation
-    from .attribution import explain
-    from .attribution.explain import model_labels
-    from .attribution.methods import get_method, parse_method_options
-    from .attribution.targets import as_target
+    """Explain every readable input; exit status 1 when some failed (listed in failures.csv)."""
+    from .batch import ExplainOptions, explain_batch
 
-    names_given = [m for m in args.method.split(",") if m.strip()]
-    options = parse_method_options(names_given, args.method_option or [])
-    methods = [get_method(name, **opts) for name, opts in options.items()]
-    target = as_target(_parse_target(args.target))
-    labels = args.labels.split(",") if args.labels and "," in args.labels else args.labels
-    model = load_model(args.checkpoint, arch=args.arch, num_classes=args.num_classes, labels=labels,
-                       trust_pickle=args.trust_pickle, verbose=args.checkpoint is not None)
-    model = model.to(args.device)
-    dtype = torch.float64 if args.dtype == "float64" else None
-    names = model_labels(model)
-    written, skipped, stated = [], 0, set()
-    from .progress import progress_bar
-
-    for path in progress_bar(args.images, desc="explaining", unit="image", disable=len(args.images) < 2):
-        todo = [m for m in methods if not _done(path, m.name, target, names, args.out)]
-        if not todo:  # a rerun resumes: outputs of finished images are kept, not recomputed
-            skipped += 1
-            continue
-        (img,) = load_images([path], model, args.preprocessing, args.size)
-        x = img.tensor.unsqueeze(0)
-        for method in todo:
-            e = explain(model, x, method, target=target, dtype=dtype, layer=args.layer)
-            if e.feature_layer and method.name not in stated:  # CAM family: which map was read, once
-                stated.add(method.name)
-                print(f"{method.name}: feature map of layer {e.feature_layer} ({e.feature_layout})")
-            maps = e.maps[0].reshape(-1, *e.maps.shape[-2:])
-            labels_0 = e.target_names[0] if isinstance(e.target_names[0], list) else [e.target_names[0]]
-            for h, label in zip(maps, labels_0):
-                if not label:
-                    continue
-                npy, png = save_explanation(img, h, args.out, method.name, label, signed=method.signed)
-                written.append(png)
-    note = f" ({skipped} images already done)" if skipped else ""
-    print(f"wrote {len(written)} maps (.npy) and overlays (.png) to {Path(args.out).resolve()}{note}")
-    return 0
-
-
-def _done(path: str, method: str, target, names, out: str) -> bool:
-    """Whether ``explain`` already wrote this image's outputs for ``method`` (targets known before
-    the forward only: a 'predicted' target is known only after it)."""
-    import torch
-
-    from .api import output_stem
-    from .attribution.targets import Predicted, Target
-
-    if isinstance(target, Predicted) or not names:
-        return False
-    try:  # the names a target resolves to need no model output, except for 'predicted'
-        sel = target.select(torch.zeros(1, len(names)), names)
-    except Exception:  # noqa: BLE001 - resolution errors surface on the real run
-        return False
-    stems = [Path(out) / output_stem(Path(path), label, method) for label in sel.names[0] if label]
-    return bool(stems) and all(s.with_suffix(".npy").is_file() and s.with_suffix(".png").is_file() for s in stems)
-
-
-def _parse_target(text: str):
-    """``--target``: one target, or a comma list of targets explained together for each image."""
-    parts = [t.strip() for t in text.split(",") if t.strip()]
-    if len(parts) == 1:
-        return parts[0]
-    return [parts]  # one list per image: the CLI explains one image at a time
+    opts = ExplainOptions(
+        inputs=args.images, out=args.out, checkpoint=args.checkpoint, arch=args.arch,
+        num_classes=args.num_classes, labels=args.labels, trust_pickle=args.trust_pickle, methods=args.method,
+        method_options=args.method_option or [], target=args.target, preprocessing=args.preprocessing,
+        size=args.size, dtype=args.dtype, layer=args.layer, device=args.device, boxes=args.boxes,
+        overwrite=args.overwrite, stop_on_error=args.stop_on_error, progress=not args.no_progress)
+    res = explain_batch(opts)
+    out = res.out.resolve()
+    parts = [f"wrote {res.maps} maps (.npy) and overlays (.png) for {res.images} images to {out}"]
+    if res.already_done:
+        parts.append(f"{res.already_done} images already done")
+    if res.failures:
+        parts.append(f"{len(res.failures)} failed (see {out / 'failures.csv'})")
+    print("; ".join(parts))
+    return res.exit_code
 
 
 def _methods_command(args: argparse.Namespace) -> int:
@@ -194,7 +153,13 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"cxr-explain {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    p = sub.add_parser("explain", help="heatmaps and overlays for images")
+    p = sub.add_parser(
+        "explain", help="heatmaps and overlays for images",
+        description="Explain every readable image. --out receives per map <name>_<target>_<method>.npy "
+                    "(model resolution) and .png (annotated overlay), and maps.csv, predictions.csv, "
+                    "failures.csv and run.json (the settings: a rerun with the same settings resumes). "
+                    "Exit status: 0 all explained, 1 some inputs failed (failures.csv), 2 an option or "
+                    "setting was refused before any image was read.")
     _explain_arguments(p)
     p.set_defaults(func=_explain_command)
     p = sub.add_parser("methods", help="list the explanation methods")

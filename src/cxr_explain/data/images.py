@@ -8,6 +8,7 @@ family expects and carries boxes / masks through the same crop and resize.
 from __future__ import annotations
 
 import difflib
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,9 @@ __all__ = [
     "XRay",
     "read_image",
     "is_dicom",
+    "find_images",
+    "check_image_size",
+    "MIN_IMAGE_SIZE",
     "IMAGE_EXTENSIONS",
     "Geometry",
     "Preprocessing",
@@ -38,6 +42,10 @@ PNG_EXTENSIONS = (".png",)
 JPEG_EXTENSIONS = (".jpg", ".jpeg")
 DICOM_EXTENSIONS = (".dcm", ".dicom")
 IMAGE_EXTENSIONS = PNG_EXTENSIONS + JPEG_EXTENSIONS + DICOM_EXTENSIONS
+
+#: The smallest image side (px) read as a radiograph: below it a file is an icon or a thumbnail,
+#: not a film (every supported network also downsamples by 32, see ``models.zoo.MIN_INPUT_SIZE``).
+MIN_IMAGE_SIZE = 32
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -83,6 +91,30 @@ def is_dicom(path: Union[str, Path]) -> bool:
     except OSError:
         return False
     return len(head) == 132 and head[128:132] == b"DICM"
+
+
+def find_images(root: Union[str, Path]) -> list[Path]:
+    """Every PNG / JPEG / DICOM file under ``root``, recursively, sorted: names with an image
+    extension, and extension-less files with the DICOM preamble. Hidden files and folders
+    (``.name``, e.g. macOS ``._x.png`` resource forks) are skipped."""
+    found: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for f in sorted(filenames):
+            if f.startswith("."):
+                continue
+            ext = os.path.splitext(f)[1].lower()
+            if ext in IMAGE_EXTENSIONS or (not ext and is_dicom(Path(dirpath) / f)):
+                found.append(Path(dirpath) / f)
+    return found
+
+
+def check_image_size(xray: XRay, minimum: int = MIN_IMAGE_SIZE) -> XRay:
+    """``xray`` unchanged, or a DataError when a side is below ``minimum`` pixels."""
+    if xray.height < minimum or xray.width < minimum:
+        raise DataError(f"{xray.path}: image is {xray.width}×{xray.height} px; a chest X-ray needs at least "
+                        f"{minimum} px on each side")
+    return xray
 
 
 def read_image(path: Union[str, Path], apply_voi: bool = True) -> XRay:

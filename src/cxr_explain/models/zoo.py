@@ -49,6 +49,11 @@ PREPROCESSING = ("imagenet-rgb", "xrv", "gray")
 
 ARCHS = ("densenet121", "resnet18", "resnet34", "resnet50", "vgg16", "vgg16_bn")
 
+#: The smallest model input side (px) every architecture in ARCHS takes: each downsamples by 32
+#: (DenseNet-121: stem conv, max-pool and three transitions; ResNets: five stride-2 stages; VGG-16:
+#: five max-pools), so its last feature map is 1×1 at 32 px and empty or undefined below.
+MIN_INPUT_SIZE = 32
+
 #: Label spellings that differ between files of the same dataset (BBox_List says "Infiltrate").
 @dataclass
 class ModelSpec:
