@@ -2,9 +2,22 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional
 
 from .base import option, register
 from .propagation import PropagationMethod, structural_rules
+
+if TYPE_CHECKING:
+    from ..graph import LayerNode
+
+#: Why a bias-free rule (z⁺, αβ) loses relevance at a hidden Conv / Linear node.
+BIAS_ONLY = ("its units that are active only through their bias (no positive input contribution, z⁺ = 0) "
+             "have no input to pass their relevance to under a bias-free rule, so the map holds only the "
+             "part of the output its inputs carry; use rap for a map that sums to the explained logit")
+
+
+def _bias_only(node: "LayerNode") -> Optional[str]:
+    return BIAS_ONLY if node.kind in ("conv", "linear") and node.role != "first" else None
 
 
 @register
@@ -17,6 +30,9 @@ class Lrp(PropagationMethod):
     name = "lrp"
     aliases = ("lrp-a1b0",)
     description = "LRP-α1β0 as the RAP authors' code: z⁺ without bias, zᴮ first layer, starts at the logit"
+
+    def loss_cause(self, node):
+        return _bias_only(node)
 
     def rules(self):
         from .. import rules as R
@@ -73,6 +89,9 @@ class LrpZPlusFlat(PropagationMethod):
     name = "lrp-zplus-flat"
     description = "LRP z⁺ on hidden layers, flat rule on the first layer"
 
+    def loss_cause(self, node):
+        return _bias_only(node)
+
     def rules(self):
         from .. import rules as R
 
@@ -92,6 +111,9 @@ class LrpAlphaBeta(PropagationMethod):
     description = "LRP-αβ (α=2, β=1 by default) on hidden layers, zᴮ first layer"
     alpha: float = option(2.0, "weight of the positive contributions")
     beta: float = option(1.0, "weight of the negative contributions")
+
+    def loss_cause(self, node):
+        return _bias_only(node)
 
     @property
     def conserving(self) -> bool:  # type: ignore[override]

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
     from .. import rules as R
     from ..explanation import Explanation
-    from ..graph import TracedModel
+    from ..graph import LayerNode, TracedModel
     from ..propagation import RuleKey, RuleMap
     from ..targets import Selection
 
@@ -69,6 +69,11 @@ class PropagationMethod(Method):
         """Why this method cannot run on ``traced`` (one line), or None."""
         return None
 
+    def loss_cause(self, node: LayerNode) -> Optional[str]:
+        """What it means when this method's rule loses relevance at ``node``, and what to use
+        instead, when the cause is known (one clause for the conservation warning); else None."""
+        return None
+
     def rule_map(self, traced: TracedModel) -> RuleMap:
         from ..propagation import RuleMap
 
@@ -110,16 +115,45 @@ class PropagationMethod(Method):
                 cons = (total - explained).abs() / explained.abs().clamp(min=torch.finfo(explained.dtype).tiny)
                 cons = torch.where(sel.valid.T, cons, torch.zeros_like(cons))
                 if request.check_conservation and bool((cons > CONSERVATION_TOLERANCE).any()):
-                    warn_conservation(self.name, cons, res.leaks)
+                    warn_conservation(self, traced, cons, total, explained, res.leaks, res.layer_sums)
         return finish(self.name, self.signed, maps, logits, sel, input_relevance=rel, layer_sums=res.layer_sums,
                       leaks=res.leaks, relevances=res.kept, conservation_error=cons)
 
 
-def warn_conservation(name: str, cons: Tensor, leaks: dict[str, Tensor]) -> None:
-    """One warning: how far Σ map is from the explained output and the node that lost the most."""
-    worst = max(leaks.items(), key=lambda kv: float(kv[1].abs().max()), default=(None, None))
-    where = f"; most relevance was lost at node {worst[0]!r} (Σ leak {float(worst[1].abs().max()):.3g})" if worst[0] else ""
-    warnings.warn(
-        f"{name}: Σ map differs from the explained logit by up to {float(cons.max()):.3g} (relative){where}",
-        RuntimeWarning, stacklevel=4,
-    )
+def conservation_message(method: PropagationMethod, traced: TracedModel, cons: Tensor, total: Tensor,
+                         explained: Tensor, leaks: dict[str, Tensor], layer_sums: dict[str, Tensor]) -> str:
+    """One line on the worst-conserved map (all tensors (K, B)): Σ map against the explained output,
+    the node whose rule lost or created the most of the difference, as a fraction of the explained
+    output, and the method's :meth:`~PropagationMethod.loss_cause` there.
+
+    A node's loss is Σ R at its output − Σ R passed to its inputs. For methods that start from the
+    seed itself (``start="one"``, RAP) the head's first step rescales Σ = 1 to the logit by design, so
+    there the loss counted is ``y − Σ R in`` (what the rescaling missed), not the rescaling."""
+    k, b = divmod(int(cons.argmax()), cons.shape[1])
+    y, s = float(explained[k, b]), float(total[k, b])
+    msg = (f"{method.name}: Σ map = {s:.4g} but the explained output is {y:.4g} "
+           f"(relative error {float(cons[k, b]):.2g})")
+    losses: dict[str, float] = {}
+    for name, leak in leaks.items():
+        node = traced.by_name.get(name)
+        v = float(leak[k, b])
+        if method.start == "one" and node is not None and node.role == "head" and name in layer_sums:
+            v -= float(layer_sums[name][k, b]) - y
+        losses[name] = v
+    if not losses:
+        return msg
+    name, v = max(losses.items(), key=lambda kv: abs(kv[1]))
+    node = traced.by_name.get(name)
+    where = (node.module_path or name) if node is not None else name
+    kind = f"{node.kind}, " if node is not None else ""
+    share = f"{abs(v / y):.2g} of the explained output" if y else f"{v:.3g}"
+    msg += f"; most of the difference arises at {where} ({kind}{share} {'lost' if v * (y or 1) > 0 else 'added'})"
+    cause = method.loss_cause(node) if node is not None else None
+    return msg + (f": {cause}" if cause else "")
+
+
+def warn_conservation(method: PropagationMethod, traced: TracedModel, cons: Tensor, total: Tensor, explained: Tensor,
+                      leaks: dict[str, Tensor], layer_sums: dict[str, Tensor]) -> None:
+    """Warn (RuntimeWarning) with :func:`conservation_message`."""
+    warnings.warn(conservation_message(method, traced, cons, total, explained, leaks, layer_sums),
+                  RuntimeWarning, stacklevel=4)
