@@ -10,8 +10,8 @@ Order of work (each step only when the previous one passed):
 2. The inputs are listed (folders searched recursively) and named (:mod:`.inputs`); missing ones
    are failures of stage ``input``.
 3. The model is loaded; what needs it is checked: targets against its outputs, the preprocessing's
-   channels, and each method runs once on a random input of the run's size, so that a method the
-   model cannot take stops the run here rather than failing on every image.
+   channels, and each method runs once on a small random input (:func:`_probe`), so that a method
+   the model cannot take stops the run here rather than failing on every image.
 4. The folder's record is checked (:mod:`.record`): same settings resume, other settings stop.
 5. Each image: read (stage ``read``: decoding, at least :data:`~cxr_explain.data.images.MIN_IMAGE_SIZE`
    px), predict (``predictions.csv``), explain (stage ``explain``), write map and overlay (stage
@@ -182,18 +182,27 @@ def _resolve_targets(plan: _Plan, labels: Optional[list[str]], n: int) -> list[s
 
 
 def _probe(model, plan: _Plan, opts: ExplainOptions, channels: int, size: int) -> None:
-    """Run each method once on a random input: what cannot run on this model fails here, once."""
+    """Run each method once on a random input, so that what cannot run on this model fails here,
+    once. The probe is 32 px (cheap: what fails is the model's structure, not its input size); a
+    failure there is confirmed at the run's own size before it is reported."""
     import torch
 
     from ..attribution import explain
+    from ..models.zoo import MIN_INPUT_SIZE
 
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(1, channels, size, size, generator=g).to(device=plan.device, dtype=plan.dtype)
-    for method in plan.methods:
+    def attempt(method, side: int) -> None:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(1, channels, side, side, generator=g).to(device=plan.device, dtype=plan.dtype)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            explain(model, x, method, target=plan.target, layer=opts.layer, check_conservation=False)
+
+    for method in plan.methods:
+        try:
+            attempt(method, min(size, MIN_INPUT_SIZE))
+        except CxrExplainError:
             try:
-                explain(model, x, method, target=plan.target, layer=opts.layer, check_conservation=False)
+                attempt(method, size)
             except CxrExplainError as exc:
                 msg = str(exc)
                 raise CxrExplainError(msg if msg.startswith(method.name) else f"{method.name}: {msg}") from None
