@@ -29,7 +29,6 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
@@ -40,6 +39,7 @@ from .errors import CheckpointError, CxrExplainError
 from .metrics.classification import auroc_per_class, format_table1
 from .models.checkpoints import file_sha256, load_checkpoint, save_checkpoint
 from .models.zoo import ARCHS, ModelSpec, build_model, get_spec, label_index
+from .runtime import Dist, current_dist, init_distributed, resolve_device
 
 __all__ = ["TrainConfig", "TrainResult", "train", "fit", "train_cli", "add_train_arguments", "evaluate_auroc",
            "auroc_cli", "add_auroc_arguments", "load_split", "detect_layout", "predict"]
@@ -201,53 +201,6 @@ class _Augmented(Dataset):
         return x, y, idx
 
 
-# ----------------------------------------------------------------------------- distributed helpers
-@dataclass
-class _Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    started_here: bool = False
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def _init_distributed(device: torch.device) -> _Dist:
-    """Join the process group when launched by torchrun (WORLD_SIZE > 1), else single process."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return _Dist()
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", str(rank)))
-    started = False
-    if not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world)
-        started = True
-    return _Dist(dist.get_rank(), dist.get_world_size(), local, started)
-
-
-def _resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise CxrExplainError("--device cuda was requested but no CUDA GPU is available; use --device cpu")
-        if name == "cuda":
-            return torch.device("cuda", local_rank % torch.cuda.device_count())
-    return torch.device(name)
-
-
-def _gather(obj: Any, d: _Dist) -> list[Any]:
-    if d.world == 1:
-        return [obj]
-    out: list[Any] = [None] * d.world
-    dist.all_gather_object(out, obj)
-    return out
-
-
 # ----------------------------------------------------------------------------- prediction
 def _scores(logits: torch.Tensor, multilabel: bool) -> torch.Tensor:
     """Per-class probability: σ(z) for multi-label / single-logit heads, softmax(z) otherwise."""
@@ -301,17 +254,17 @@ def evaluate_auroc(model: nn.Module, dataset: Any, batch_size: int = 16, device:
     and the results are gathered, so every rank returns the full arrays.
     """
     spec = get_spec(model)
-    dev = torch.device(device) if not isinstance(device, torch.device) else device
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise CxrExplainError("--device cuda was requested but no CUDA GPU is available; use --device cpu")
+        raise CxrExplainError(f"--device {dev} requested but CUDA is not available; use --device cpu")
     ds = _as_torch_dataset(dataset, spec)
-    d = _Dist(dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else _Dist()
+    d = current_dist()
     sampler = DistributedSampler(ds, d.world, d.rank, shuffle=False) if d.world > 1 else None
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False, sampler=sampler, num_workers=workers,
                         pin_memory=dev.type == "cuda")
     model = model.to(dev)
     idx, y, s, _ = predict(model, loader, dev, spec.multilabel, progress=progress and d.main, desc="auroc")
-    parts = _gather((idx, y, s), d)
+    parts = d.gather((idx, y, s))
     return _merge(parts, len(ds))  # type: ignore[arg-type]
 
 
@@ -371,12 +324,10 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
-def _sync_buffers(model: nn.Module, d: _Dist) -> None:
+def _sync_buffers(model: nn.Module, d: Dist) -> None:
     """Copy rank 0's BatchNorm running statistics to every rank (parameters are already equal)."""
-    if d.world == 1:
-        return
     for b in _unwrap(model).buffers():
-        dist.broadcast(b.data, src=0)
+        d.broadcast_(b.data, src=0)
 
 
 def _save_resume(path: Path, model: nn.Module, opt: torch.optim.Optimizer, sched: Any, scaler: Any,
@@ -403,7 +354,7 @@ def _load_resume(path: Path) -> dict[str, Any]:
     return st
 
 
-def _provenance(cfg: TrainConfig, d: _Dist, device: torch.device, n_train: int, n_val: int) -> dict[str, Any]:
+def _provenance(cfg: TrainConfig, d: Dist, device: torch.device, n_train: int, n_val: int) -> dict[str, Any]:
     prov: dict[str, Any] = {
         "weights": "trained by cxr_explain.training",
         "data": str(Path(cfg.data).resolve()), "layout": cfg.layout, "data_seed": cfg.data_seed,
@@ -451,20 +402,17 @@ def fit(config: TrainConfig) -> TrainResult:
     bad = [f for f in findings if f not in known]
     if bad:
         raise CxrExplainError(f"finding {bad[0]!r} is not in the {cfg.layout} label set; use some of {', '.join(known)}")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local = int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")))
-    device = _resolve_device(cfg.device, local if world > 1 else 0)
+    device = resolve_device(cfg.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    d = _init_distributed(device)
+    d = init_distributed(device)
     try:
         return _train(cfg, findings, device, d)
     finally:
-        if d.started_here and dist.is_initialized():
-            dist.destroy_process_group()
+        d.close()
 
 
-def _train(cfg: TrainConfig, findings: list[str], device: torch.device, d: _Dist) -> TrainResult:
+def _train(cfg: TrainConfig, findings: list[str], device: torch.device, d: Dist) -> TrainResult:
     out = Path(cfg.out)
     last_path, best_path = out / "last.pt", out / "best.pt"
     if d.main:
@@ -564,11 +512,11 @@ def _train(cfg: TrainConfig, findings: list[str], device: torch.device, d: _Dist
         _sync_buffers(net, d)
 
         idx, y_val, s_val, vloss = predict(model, val_loader, device, True, use_amp, progress=False)
-        parts = _gather((idx, y_val, s_val, vloss, len(y_val)), d)
+        parts = d.gather((idx, y_val, s_val, vloss, len(y_val)))
         y_all, s_all = _merge([p[:3] for p in parts], len(val_ds))  # type: ignore[arg-type]
         tot = sum(p[4] for p in parts)
         val_loss = sum(p[3] * p[4] for p in parts if p[4]) / max(tot, 1)
-        tl = _gather(run_loss / max(n_batches, 1), d)
+        tl = d.gather(run_loss / max(n_batches, 1))
         train_loss = float(np.mean(tl))
         df = auroc_per_class(y_all, s_all, findings, n_boot=0)
         mean_auc = float(np.nanmean(df["auroc"])) if df["auroc"].notna().any() else float("nan")
@@ -591,8 +539,7 @@ def _train(cfg: TrainConfig, findings: list[str], device: torch.device, d: _Dist
             _save_resume(last_path, net, opt, sched, scaler, epoch + 1, best, history, cfg)
             with open(out / "history.jsonl", "a") as fh:
                 fh.write(json.dumps(rec) + "\n")
-        if d.world > 1:
-            dist.barrier()
+        d.barrier()
     return TrainResult(best_path, last_path, model, history)
 
 
@@ -701,7 +648,7 @@ def auroc_cli(args: argparse.Namespace) -> str:
                     int(getattr(args, "data_seed", 0) or 0))
     if len(ds) == 0:
         raise CxrExplainError(f"{args.data}: the {split} split is empty; choose another --split")
-    device = _resolve_device(str(getattr(args, "device", "cpu") or "cpu"))
+    device = resolve_device(str(getattr(args, "device", "cpu") or "cpu"))
     y, s = evaluate_auroc(model, ds, int(getattr(args, "batch_size", 32) or 32), device,
                           int(getattr(args, "workers", 0) or 0))
     cols = [label_index(spec, n) for n in names]

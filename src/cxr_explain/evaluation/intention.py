@@ -37,6 +37,7 @@ from ..data.images import get_preprocessing
 from ..data.nih import read_mask
 from ..errors import CxrExplainError
 from ..metrics.localization import bootstrap_mean_ci, region_shares
+from ..runtime import resolve_device
 from .summary import TABLES_DIR
 
 SHARES = ("inside_lesion", "lung_outside_lesion", "outside_lungs", "on_cue")
@@ -96,7 +97,7 @@ def intention_analysis(
     dataset root's ``lungs.csv`` / ``cues.csv``). ``split`` keeps the images of that split (the
     dataset's split file), ``max_images`` the first N of them. With ``out_dir``, writes
     ``intention.csv`` and ``tables/intention.{md,csv,json}`` there."""
-    from .runner import image_splits, resolve_device
+    from .runner import image_splits
 
     spec = getattr(model, "cxr_spec", None)
     if spec is None:

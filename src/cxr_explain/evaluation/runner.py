@@ -36,6 +36,7 @@ from ..data.types import Box, Sample
 from ..errors import CxrExplainError
 from ..metrics.localization import (EMPTY_REGION_MODES, PAPER_THRESHOLDS, RESIZE_MODES,
                                     localization_scores)
+from ..runtime import init_distributed, resolve_device
 from .results import RESULTS_NAME, ResultsWriter, merge_results, read_results, results_columns
 
 RUN_FILE = "run.json"
@@ -99,41 +100,6 @@ class _EvalItems(torch.utils.data.Dataset):
 
 def _collate(items: list[dict]) -> list[dict]:
     return items
-
-
-# --------------------------------------------------------------------------- distributed
-def dist_context(device: str) -> tuple[int, int]:
-    """``(rank, world_size)``: from an initialised ``torch.distributed`` group, or, under
-    ``torchrun`` (``WORLD_SIZE`` > 1 in the environment), after initialising one (NCCL on CUDA,
-    else Gloo); ``(0, 1)`` otherwise."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    ws = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if ws > 1:
-        if not dist.is_available():
-            raise CxrExplainError("WORLD_SIZE > 1 but this torch build has no torch.distributed; run one process")
-        backend = "nccl" if device.startswith("cuda") and torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend=backend, timeout=timedelta(hours=24))
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-
-
-def resolve_device(device: str) -> torch.device:
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise CxrExplainError(f"--device {device} requested but CUDA is not available; use --device cpu")
-        if device == "cuda" and "LOCAL_RANK" in os.environ:
-            return torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}")
-    return torch.device(device)
 
 
 # --------------------------------------------------------------------------- run settings
@@ -319,7 +285,8 @@ def evaluate(
     versus_index = label_index(versus, labels) if versus else None
     pre = get_preprocessing(info["preprocessing"], info["input_size"])
     dev = resolve_device(device)
-    rank, world = dist_context(str(dev))
+    d = init_distributed(dev, timeout=timedelta(hours=24))  # rank 0 may merge, score and report for long
+    rank, world = d.rank, d.world
     columns = results_columns(thresholds)
 
     splits = image_splits(dataset)
@@ -347,7 +314,7 @@ def evaluate(
                             "+ §3 mass/rank/AUPRC"}
     if rank == 0:
         settings = _check_run_file(out, settings)
-    _barrier(world)
+    d.barrier()
 
     ids = {i: dataset.samples[i].image_id for i in gts}
     expected = {(ids[i], m): len(g) for i, g in gts.items() for m in methods}
@@ -391,10 +358,10 @@ def evaluate(
         writer.close()
         if bar:
             bar.close()
-    _barrier(world)
+    d.barrier()
     if world > 1 and rank == 0:
         merge_results(main_path, [out / f"results.rank{r}.csv" for r in range(world)], columns)
-    _barrier(world)
+    d.barrier()
     if rank == 0 and stop_after_batches is None:
         if faithfulness:
             from .faithfulness import run_faithfulness
