@@ -125,3 +125,23 @@ def test_patient_split_helper():
     assert all((f"i{2 * (k // 2)}" in val) == (f"i{2 * (k // 2) + 1}" in val) for k in range(100))
     with pytest.raises(DataError):
         patient_split(ids, pats, 1.5)
+
+
+def test_detect_layout_is_one_rule(tmp_path):
+    from cxr_explain.data.layout import detect_layout, open_dataset
+
+    Image.fromarray(np.full((40, 30), 100, np.uint8)).save(tmp_path / "a.png")
+    assert detect_layout(tmp_path) == "folder"
+    (tmp_path / "labels.csv").write_text("image,labels\na.png,Mass\n")
+    assert detect_layout(tmp_path) == "folder"  # a folder's own CSV is not an RSNA table
+    ds = open_dataset(tmp_path, labels_csv=tmp_path / "labels.csv")
+    assert isinstance(ds, FolderDataset) and ds.findings == ("Mass",) and ds.splits() == {}
+    assert ds.split_of(0) is None and ds.mask_findings(0) == []
+    with pytest.raises(DataError, match="no split file"):
+        open_dataset(tmp_path, split="test")
+    (tmp_path / "stage_2_train_labels.csv").write_text("patientId,x,y,width,height,Target\n")
+    assert detect_layout(tmp_path) == "rsna"
+    (tmp_path / "Data_Entry_2017.csv").write_text("Image Index\n")
+    assert detect_layout(tmp_path) == "nih"
+    with pytest.raises(DataError, match="not found"):
+        detect_layout(tmp_path / "nope")

@@ -255,6 +255,12 @@ def test_dataset_official_lists_patient_level_split(tmp_path):
     assert NIHDataset(root, split="val", seed=3).ids == val.ids  # deterministic
     assert NIHDataset(root, split="val", seed=4).ids != val.ids
     assert NIHDataset(root, split="trainval").ids == names[:90]
+    # the whole dataset knows each image's split without being rebuilt per split
+    whole = NIHDataset(root, seed=3)
+    want = {**{i: "train" for i in train.ids}, **{i: "val" for i in val.ids}, **{i: "test" for i in test.ids}}
+    assert whole.splits() == want
+    assert [whole.split_of(k) for k in range(len(whole))] == [want[i] for i in whole.ids]
+    assert test.splits() == {i: "test" for i in test.ids}
 
 
 def test_dataset_masks_csv(tmp_path):
@@ -277,6 +283,8 @@ def test_dataset_masks_csv(tmp_path):
     assert set(s.masks) == {"Nodule"} and s.masks["Nodule"].sum() == 100 + 200
     assert s.masks["Nodule"][15, 35] and s.masks["Nodule"][505, 610] and not s.masks["Nodule"][0, 0]
     assert ds[ds.index_of("00000129_000.png")].masks == {}
+    assert [ds.mask_findings(k) for k in range(len(ds))] == [list(ds[k].masks) for k in range(len(ds))]
+    assert ds.splits() == {} and ds.split_of(0) is None  # no split source in this folder
     (root / "masks.csv").write_text("Image Index,Finding Label,Mask Path\n00004296_000.png,Nodule,masks/zz.png\n")
     with pytest.raises(DataError) as e:
         NIHDataset(root)

@@ -107,6 +107,9 @@ def test_dataset_patient_split_is_deterministic_and_stratified(tmp_path):
     assert RSNADataset(root, "val", seed=1).ids != val.ids
     assert len(RSNADataset(root, split=None)) == 60
     assert RSNADataset(root, "val", val_fraction=0.2).ids != val.ids
+    whole = RSNADataset(root, split=None)  # each patient's split, the same rule, no test without split.csv
+    assert whole.splits() == {**{i: "train" for i in train.ids}, **{i: "val" for i in val.ids}}
+    assert whole.split_of(whole.index_of(val.ids[0])) == "val"
 
 
 def test_dataset_samples_and_dicom(tmp_path):
@@ -132,6 +135,9 @@ def test_dataset_split_csv_missing_images_and_errors(tmp_path):
     (root / "split.csv").write_text(f"patientId,split\n{_pid(0)},test\n{_pid(1)},test\n{_pid(2)},train\n")
     assert RSNADataset(root, split="test").ids == [_pid(0), _pid(1)]
     assert RSNADataset(root, split="train").ids == [_pid(2)]
+    with pytest.warns(UserWarning, match="3 patients have no image file"):
+        whole = RSNADataset(root, split=None)
+    assert whole.splits() == {_pid(0): "test", _pid(1): "test", _pid(2): "train"}
     (root / "stage_2_detailed_class_info.csv").write_text(f"patientId,class\n{_pid(0)},Normal\n")
     with pytest.raises(DataError) as e:
         RSNADataset(root, split="test")
@@ -152,6 +158,7 @@ def test_dataset_masks_csv_with_patient_ids(tmp_path):
     assert set(s.masks) == {"Pneumonia", "Lung Opacity"} and s.masks["Pneumonia"].sum() == 300 * 150
     assert s.masks["Pneumonia"][s.boxes[0].to_mask(1024, 1024)].all()  # the mask is the box here
     assert ds[ds.index_of(_pid(1))].masks == {}
+    assert [ds.mask_findings(k) for k in range(len(ds))] == [list(ds[k].masks) for k in range(len(ds))]
     (root / "masks.csv").write_text(f"patientId,Finding Label,Mask Path\n{_pid(0)},Effusion,masks/p0.png\n")
     with pytest.raises(DataError) as e:
         RSNADataset(root, split=None)

@@ -123,31 +123,26 @@ class TrainConfig:
 
 # ----------------------------------------------------------------------------- data
 def detect_layout(root: str | os.PathLike[str]) -> str:
-    """"nih" if ``root`` holds a Data_Entry*.csv, "rsna" if it holds stage_2_train_labels.csv."""
-    r = Path(root)
-    if not r.is_dir():
-        raise CxrExplainError(f"{r}: data folder not found; pass --data with a dataset folder")
-    if any(r.glob("Data_Entry*.csv")):
-        return "nih"
-    if (r / "stage_2_train_labels.csv").is_file() or any(r.glob("*labels*.csv")):
-        return "rsna"
-    raise CxrExplainError(f"{r}: neither Data_Entry_2017*.csv (NIH) nor stage_2_train_labels.csv "
-                          "(RSNA) found; pass --layout or point --data at the dataset root")
+    """The layout of a training folder: :func:`cxr_explain.data.layout.detect_layout`, which must
+    be one with labels and a split (``nih`` or ``rsna``)."""
+    from .data.layout import detect_layout as detect
+
+    layout = detect(root)
+    if layout not in LAYOUTS:
+        raise CxrExplainError(f"{root}: neither Data_Entry_2017*.csv (NIH) nor stage_2_train_labels.csv "
+                              "(RSNA) found; pass --layout or point --data at the dataset root")
+    return layout
 
 
 def load_split(root: str | os.PathLike[str], layout: str, split: str, findings: Sequence[str],
                seed: int = 0, val_fraction: float = 0.1) -> SampleDataset:
     """The ``split`` ("train" / "val" / "test") of an NIH- or RSNA-layout dataset at ``root``."""
-    from .data.nih import NIHDataset
-    from .data.rsna import RSNADataset
+    from .data.layout import open_dataset
 
-    if layout == "nih":
-        return NIHDataset(root, split=split, findings=tuple(findings), image_size=None,
-                          seed=seed, val_fraction=val_fraction)
-    if layout == "rsna":
-        return RSNADataset(root, split=split, findings=tuple(findings), image_size=None,
-                           seed=seed, val_fraction=val_fraction)
-    raise CxrExplainError(f"unknown layout {layout!r}; use one of {', '.join(LAYOUTS)}")
+    if layout not in LAYOUTS:
+        raise CxrExplainError(f"unknown layout {layout!r}; use one of {', '.join(LAYOUTS)}")
+    return open_dataset(root, layout, split=split, findings=findings, image_size=None, seed=seed,
+                        val_fraction=val_fraction)
 
 
 def phantom_provenance(root: str | os.PathLike[str]) -> dict[str, Any]:

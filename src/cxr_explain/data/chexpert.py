@@ -351,6 +351,12 @@ class CheXpertDataset(SampleDataset):
         self.missing = missing
         self._report("images listed in the label CSV have no file and are left out", missing, self.name)
 
+    def splits(self) -> dict[str, str]:
+        """``{image id: split}`` from the label file each image came from (``image_split``)."""
+        if self.split:
+            return super().splits()
+        return {i: str(self.image_split[i]) for i in self.ids if i in self.image_split}
+
     def _label_csvs(self, root: Path, split: Optional[str], labels_csv: Optional[PathLike]) -> list[tuple[str, Path]]:
         if labels_csv is not None:
             p = Path(labels_csv)

@@ -20,7 +20,7 @@ from .images import IMAGE_EXTENSIONS, Preprocessing, XRay, read_image
 from .labels import NO_FINDING, check_labels, parse_finding_labels
 from .types import Box, Sample
 
-__all__ = ["SampleDataset", "PreprocessedDataset", "FolderDataset", "patient_split", "read_csv_table"]
+__all__ = ["SampleDataset", "PreprocessedDataset", "FolderDataset", "patient_split", "read_csv_table", "parse_float"]
 
 _SHOW = 5  # names quoted in a "missing" warning
 
@@ -31,6 +31,8 @@ class SampleDataset:
     have no label row. Both are reported with a warning when non-empty."""
 
     name = "dataset"
+    #: The split this dataset was restricted to (``"train"``, ``"val"``, ``"test"``), None for all images.
+    split: Optional[str] = None
 
     def __init__(self, findings: Sequence[str], samples: list[Sample]):
         self.findings: tuple[str, ...] = tuple(findings)
@@ -59,6 +61,21 @@ class SampleDataset:
             return self._index[image_id]
         except KeyError:
             raise DataError(f"{self.name}: image {image_id!r} is not in this dataset/split") from None
+
+    def splits(self) -> dict[str, str]:
+        """``{image id: split}`` for the images of this dataset whose split is known: here the
+        dataset's own ``split`` for every image, ``{}`` when it has none (readers with a split
+        file override this)."""
+        return {i: str(self.split) for i in self.ids} if self.split else {}
+
+    def split_of(self, i: int) -> Optional[str]:
+        """The split (``"train"``, ``"val"``, ``"test"``) of sample ``i``; None when unknown."""
+        return self.splits().get(self.samples[i].image_id)
+
+    def mask_findings(self, i: int) -> list[str]:
+        """Findings with an exact lesion mask for sample ``i`` (readers that keep mask paths answer
+        without decoding the masks)."""
+        return list(self[i].masks)
 
     def read_image(self, i: int) -> XRay:
         """Decode sample ``i``'s image (see :func:`~cxr_explain.data.images.read_image`)."""
@@ -155,7 +172,8 @@ def read_csv_table(path: Union[str, Path], required: Iterable[str] = ()) -> pd.D
     return df
 
 
-def _to_float(value: str, p: Path, line: int, col: str) -> float:
+def parse_float(value: str, p: Path, line: int, col: str) -> float:
+    """``float(value)`` of a CSV cell; DataError naming file, line and column when it is not a finite number."""
     try:
         v = float(value)
     except (TypeError, ValueError):
@@ -250,7 +268,7 @@ class FolderDataset(SampleDataset):
                     labels_of[rel].append(lab)
             if has_boxes and str(rec["finding"]).strip():
                 fnd = str(rec["finding"]).strip()
-                x, y, w, h = (_to_float(rec[c], csv_path, line, c) for c in "xywh")
+                x, y, w, h = (parse_float(rec[c], csv_path, line, c) for c in "xywh")
                 if w <= 0 or h <= 0 or x < 0 or y < 0:
                     raise DataError(
                         f"{csv_path} (line {line}): box x={x}, y={y}, w={w}, h={h} has a negative "

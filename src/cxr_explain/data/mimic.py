@@ -207,3 +207,9 @@ class MIMICDataset(SampleDataset):
         self.missing_rows = missing_rows
         self._report("images have no file and are left out", missing, self.name)
         self._report("images belong to a study without a label row and are left out", missing_rows, lab)
+
+    def splits(self) -> dict[str, str]:
+        """``{image id: split}`` from the split file (``image_split``)."""
+        if self.split:
+            return super().splits()
+        return {i: str(self.image_split[i]) for i in self.ids if i in self.image_split}

@@ -360,6 +360,8 @@ class NIHDataset(SampleDataset):
         rows = set(names)
         missing_rows = [n for n in list(boxes) + list(self._mask_paths) if n not in rows]
 
+        self._split_source = (df[["Image Index", "Patient ID"]], split_csv, seed, val_fraction)
+        self._split_table: Optional[dict[str, str]] = None
         if split is not None:
             keep, split_missing = self._split_names(root, split, df, split_csv, seed, val_fraction)
             missing_rows += [n for n in split_missing if n not in missing_rows]
@@ -407,6 +409,29 @@ class NIHDataset(SampleDataset):
                      missing_rows, entry_path)
         self._report("boxes/masks are of a finding that the image's Finding Labels do not list",
                      unlabelled_boxes, self.name)
+
+    def splits(self) -> dict[str, str]:
+        """``{image id: split}`` from the split source the constructor reads (``split.csv`` or the
+        split lists, see the class doc), for every image of this dataset whose split is known;
+        ``{}`` without a split source. A dataset restricted to one split names it for every image."""
+        if self.split:
+            return super().splits()
+        if self._split_table is None:
+            table: dict[str, str] = {}
+            ids = set(self.ids)
+            entry, split_csv, seed, val_fraction = self._split_source
+            for sp in SPLITS:
+                try:
+                    names, _ = self._split_names(self.root, sp, entry, split_csv, seed, val_fraction)
+                except DataError:  # no source for this split (e.g. no test list)
+                    continue
+                table.update({n: sp for n in sorted(names) if n in ids})
+            self._split_table = table
+        return dict(self._split_table)
+
+    def mask_findings(self, i: int) -> list[str]:
+        """Findings of ``findings`` that ``masks.csv`` gives sample ``i`` a mask of (not decoded)."""
+        return [f for f in self._mask_paths.get(self.samples[i].image_id, {}) if f in self.findings]
 
     def __getitem__(self, i: int) -> Sample:
         s = self.samples[i]

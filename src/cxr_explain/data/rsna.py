@@ -16,7 +16,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 
 from ..errors import DataError
-from .folder import SampleDataset, _to_float, image_size_wh, patient_split, read_csv_table
+from .folder import SampleDataset, parse_float, image_size_wh, patient_split, read_csv_table
 from .images import IMAGE_EXTENSIONS
 from .labels import RSNA_FINDINGS, check_labels
 from .nih import SPLITS, read_mask, read_masks_csv, read_split_csv
@@ -64,7 +64,7 @@ def read_rsna_labels(
             continue
         if not all(coords):
             raise DataError(f"{p} (line {line}): Target=1 row for {pid} lacks box coordinates")
-        x, y, w, h = (_to_float(v, p, line, c) for v, c in zip(coords, cols[1:5]))
+        x, y, w, h = (parse_float(v, p, line, c) for v, c in zip(coords, cols[1:5]))
         if w <= 0 or h <= 0:
             raise DataError(f"{p} (line {line}): box for {pid} has non-positive size width={w}, height={h}")
         if x < 0 or y < 0 or (size_w is not None and (x + w > size_w + 1e-3 or y + h > size_h + 1e-3)):
@@ -155,24 +155,13 @@ class RSNADataset(SampleDataset):
 
         ids = list(targets)
         missing_rows: list[str] = []
+        self._split_source = (targets, split_csv, seed, val_fraction)
+        self._split_table: Optional[dict[str, str]] = None
         if split is None:
             keep = set(ids)
         else:
             split = str(split).lower()
-            if split not in SPLITS:
-                raise DataError(f"{root}: split={split!r} must be one of train, val, test or None")
-            sc = Path(split_csv) if split_csv else root / "split.csv"
-            if sc.is_file():
-                table = read_split_csv(sc, _id_column(sc))
-                chosen = [k for k, v in table.items() if v == split]
-                missing_rows = [k for k in chosen if k not in targets]
-                keep = set(chosen) & set(ids)
-            elif split == "test":
-                raise DataError(f"{root}: split='test' needs a split.csv (patientId,split); RSNA stage 2 "
-                                "test labels were never released")
-            else:
-                val = patient_split(ids, ids, val_fraction, seed, strata=[targets[i] for i in ids])
-                keep = val if split == "val" else set(ids) - val
+            keep, missing_rows = _split_ids(root, split, targets, split_csv, seed, val_fraction)
 
         img_dir = Path(images_dir) if images_dir else root / "stage_2_train_images"
         files = _find_images(img_dir)
@@ -196,6 +185,30 @@ class RSNADataset(SampleDataset):
         self._report("patients have no image file and are left out", missing, self.name)
         self._report("patients in split.csv have no labels row", missing_rows, lab_path)
 
+    def splits(self) -> dict[str, str]:
+        """``{patientId: split}`` for every image: from ``split.csv`` when present, else the
+        patient-level train / val split the constructor makes with this dataset's ``seed`` and
+        ``val_fraction``. A dataset restricted to one split names it for every image."""
+        if self.split:
+            return super().splits()
+        if self._split_table is None:
+            table: dict[str, str] = {}
+            ids = set(self.ids)
+            targets, split_csv, seed, val_fraction = self._split_source
+            for sp in SPLITS:
+                try:
+                    keep, _ = _split_ids(self.root, sp, targets, split_csv, seed, val_fraction)
+                except DataError:  # no test split without split.csv
+                    continue
+                table.update({k: sp for k in sorted(keep) if k in ids})
+            self._split_table = table
+        return dict(self._split_table)
+
+    def mask_findings(self, i: int) -> list[str]:
+        """Every name in ``findings`` when ``masks.csv`` has a Pneumonia mask for sample ``i``, else
+        none (the mask is not decoded)."""
+        return list(self.findings) if self._mask_paths.get(self.samples[i].image_id, {}).get(BOX_FINDING) else []
+
     def __getitem__(self, i: int) -> Sample:
         """The sample; a ``masks.csv`` Pneumonia mask is attached under each of ``findings``."""
         s = self.samples[i]
@@ -205,6 +218,25 @@ class RSNADataset(SampleDataset):
         m = read_mask(paths)
         masks = {f: m for f in self.findings}
         return Sample(s.image_id, s.path, s.labels, list(s.boxes), masks, s.patient_id, s.view)
+
+
+def _split_ids(root: Path, split: str, targets: dict[str, int], split_csv: Optional[PathLike], seed: int,
+               val_fraction: float) -> tuple[set[str], list[str]]:
+    """The patients of ``split`` (from ``split.csv``, else a patient-level split stratified by
+    Target) and the split-file patients that have no labels row."""
+    if split not in SPLITS:
+        raise DataError(f"{root}: split={split!r} must be one of train, val, test or None")
+    ids = list(targets)
+    sc = Path(split_csv) if split_csv else root / "split.csv"
+    if sc.is_file():
+        table = read_split_csv(sc, _id_column(sc))
+        chosen = [k for k, v in table.items() if v == split]
+        return set(chosen) & set(ids), [k for k in chosen if k not in targets]
+    if split == "test":
+        raise DataError(f"{root}: split='test' needs a split.csv (patientId,split); RSNA stage 2 "
+                        "test labels were never released")
+    val = patient_split(ids, ids, val_fraction, seed, strata=[targets[i] for i in ids])
+    return (val if split == "val" else set(ids) - val), []
 
 
 def _id_column(csv_path: Path) -> str:

@@ -34,8 +34,8 @@ from ..data.types import Sample
 from ..errors import CxrExplainError
 from ..metrics.chexlocalize import (IOU_MODES, THRESHOLD_GRID, hit_points, protocol_markdown, protocol_summary,
                                     score_map, threshold_column)
+from ..runtime import resolve_device
 from .results import ResultsWriter, read_results
-from .runner import image_splits, resolve_device
 
 RECORDS_NAME = "chexlocalize_records.csv"
 TABLE_NAME = "chexlocalize"
@@ -129,7 +129,7 @@ def collect_records(
     if not usable:
         raise CxrExplainError(f"the model's outputs ({', '.join(spec.labels)}) include none of the dataset's "
                               f"findings ({', '.join(dataset.findings)})")
-    split_of = image_splits(dataset)
+    split_of = dataset.splits()
     if splits is not None and not split_of:
         raise CxrExplainError(f"splits {list(splits)} requested but {type(dataset).__name__} has no split information")
     pairs: dict[int, list[str]] = {}

@@ -93,72 +93,39 @@ def load_model_from_args(args) -> object:
 
 
 def load_dataset_from_args(args, labels) -> object:
-    """NIH / RSNA / folder dataset at ``--data`` with the findings the model outputs."""
+    """The dataset at ``--data`` (``--layout``, default detected by
+    :func:`cxr_explain.data.layout.detect_layout`); NIH / RSNA readers keep the findings the model
+    outputs."""
     from ..data.labels import CHEXNET_FINDINGS, RSNA_FINDINGS
+    from ..data.layout import open_dataset
 
     root = Path(args.data)
-    if not root.is_dir():
-        raise CxrExplainError(f"{root}: dataset folder not found; pass --data with an existing folder")
     layout = resolve_layout(args)
     uncertain = getattr(args, "uncertain", "ones") or "ones"
-    if layout == "chexlocalize":
-        from ..data.chexlocalize import CheXlocalizeDataset
-
-        return CheXlocalizeDataset(root, uncertain=uncertain)
-    if layout == "chexpert":
-        from ..data.chexpert import CheXpertDataset
-
-        return CheXpertDataset(root, split=None, uncertain=uncertain)
-    if layout == "mimic":
-        from ..data.mimic import MIMICDataset
-
-        return MIMICDataset(root, split=None, uncertain=uncertain)
     if layout == "nih":
-        from ..data.nih import NIHDataset
-
         findings = [f for f in CHEXNET_FINDINGS if f in labels]
         if not findings:
             raise CxrExplainError(f"the model's outputs ({', '.join(labels)}) include no NIH finding")
         # the CheXlocalize full set / cut-off tuning also scores images without boxes
-        return NIHDataset(root, boxed_only=not _chexlocalize_all_pairs(args), findings=findings)
+        return open_dataset(root, "nih", boxed_only=not _chexlocalize_all_pairs(args), findings=findings)
     if layout == "rsna":
-        from ..data.rsna import RSNADataset
-
         findings = [f for f in RSNA_FINDINGS if f in labels] or ["Pneumonia"]
-        return RSNADataset(root, split=None, findings=findings)
-    from ..data.folder import FolderDataset
-
-    return FolderDataset(root, labels_csv=getattr(args, "labels_csv", None))
-
-
-def detect_layout(root: Path) -> str:
-    """The layout of ``root`` from its files: NIH (Data_Entry*.csv), RSNA (stage_2_train_labels.csv),
-    CheXlocalize (gt_segmentations_*.json, also under CheXlocalize/), MIMIC-CXR-JPG
-    (mimic-cxr-2.0.0-chexpert.csv[.gz]), CheXpert (a train/valid/val_labels/test_labels CSV with a
-    Path column, also under CheXpert/), else a plain folder of images."""
-    if any(root.glob("Data_Entry*.csv")):
-        return "nih"
-    if (root / "stage_2_train_labels.csv").is_file():
-        return "rsna"
-    if any(root.glob("gt_segmentations_*.json")) or any(root.glob("CheXlocalize/gt_segmentations_*.json")):
-        return "chexlocalize"
-    if any(root.glob("mimic-cxr-2.0.0-chexpert.csv*")):
-        return "mimic"
-    from ..data.chexpert import SPLIT_NAMES, find_label_csv
-
-    for sp in SPLIT_NAMES:
-        csv = find_label_csv(root, sp)
-        if csv is not None:
-            with open(csv, encoding="utf-8-sig") as fh:
-                if "Path" in [c.strip() for c in fh.readline().split(",")]:
-                    return "chexpert"
-    return "folder"
+        return open_dataset(root, "rsna", findings=findings)
+    return open_dataset(root, layout, labels_csv=getattr(args, "labels_csv", None), uncertain=uncertain)
 
 
 def resolve_layout(args) -> str:
-    """``--layout``, or the one :func:`detect_layout` finds at ``--data``."""
+    """``--layout``, or the one :func:`cxr_explain.data.layout.detect_layout` finds at ``--data``
+    (a DataError when ``--data`` is not a folder)."""
+    from ..data.layout import detect_layout
+
+    root = Path(args.data)
     layout = getattr(args, "layout", "auto") or "auto"
-    return detect_layout(Path(args.data)) if layout == "auto" else layout
+    if layout == "auto":
+        return detect_layout(root)
+    if not root.is_dir():
+        raise CxrExplainError(f"{root}: dataset folder not found; pass --data with an existing folder")
+    return layout
 
 
 def _chexlocalize_all_pairs(args) -> bool:
@@ -185,9 +152,7 @@ def evaluate_cli(args) -> Path:
         warnings.warn(note, UserWarning, stacklevel=2)
     ds = load_dataset_from_args(args, list(model.cxr_spec.labels))
     no_report = bool(getattr(args, "no_report", False))
-    from ..data.chexlocalize import CheXlocalizeDataset
-
-    cxl = bool(getattr(args, "chexlocalize", False)) or isinstance(ds, CheXlocalizeDataset)
+    cxl = bool(getattr(args, "chexlocalize", False)) or resolve_layout(args) == "chexlocalize"
     out = evaluate(model, ds, methods=args.methods, thresholds=args.thresholds, out_dir=args.out,
                    batch_size=args.batch_size, device=args.device, workers=args.workers, split=args.split,
                    resize=args.resize, empty_region=args.empty_region, save_maps=not args.no_maps,

@@ -97,8 +97,6 @@ def intention_analysis(
     dataset root's ``lungs.csv`` / ``cues.csv``). ``split`` keeps the images of that split (the
     dataset's split file), ``max_images`` the first N of them. With ``out_dir``, writes
     ``intention.csv`` and ``tables/intention.{md,csv,json}`` there."""
-    from .runner import image_splits
-
     spec = getattr(model, "cxr_spec", None)
     if spec is None:
         raise CxrExplainError("the model has no .cxr_spec; build it with build_model / load_checkpoint")
@@ -117,7 +115,7 @@ def intention_analysis(
     model = model.to(dev).eval()
     order = list(range(len(dataset)))
     if split is not None:
-        splits = image_splits(dataset)
+        splits = dataset.splits()
         if not splits:
             raise CxrExplainError(f"split={split!r} requested but {type(dataset).__name__} has no split file")
         order = [i for i in order if splits.get(dataset.samples[i].image_id) == split]

@@ -55,27 +55,13 @@ class GroundTruth:
     box: Optional[Box] = None
 
 
-def _mask_findings(dataset: Any, i: int) -> list[str]:
-    """Findings with an exact mask for sample ``i``, without reading the masks when the reader
-    keeps their paths (NIH / RSNA readers); otherwise from ``dataset[i].masks``."""
-    paths = getattr(dataset, "_mask_paths", None)
-    if isinstance(paths, dict):
-        from ..data.rsna import RSNADataset
-
-        mp = paths.get(dataset.samples[i].image_id, {})
-        if isinstance(dataset, RSNADataset):
-            return list(dataset.findings) if mp else []
-        return [f for f in mp if f in dataset.findings]
-    return list(dataset[i].masks)
-
-
 def ground_truths(dataset: Any, i: int, labels: Sequence[str], use_masks: bool = True) -> list[GroundTruth]:
     """The boxes (and, with ``use_masks``, the masks) of sample ``i`` whose finding the model outputs."""
-    s = dataset.samples[i] if hasattr(dataset, "samples") else dataset[i]
+    s = dataset.samples[i]
     out = [GroundTruth(b.finding, "box", k, b) for k, b in enumerate(s.boxes)
            if find_label(b.finding, labels) is not None]
     if use_masks:
-        out += [GroundTruth(f, "mask", 0) for f in _mask_findings(dataset, i)
+        out += [GroundTruth(f, "mask", 0) for f in dataset.mask_findings(i)
                 if find_label(f, labels) is not None]
     return out
 
@@ -147,41 +133,6 @@ def _check_run_file(out: Path, settings: dict) -> dict:
     tmp.write_text(json.dumps(settings, indent=1))
     os.replace(tmp, p)
     return settings
-
-
-def image_splits(dataset: Any) -> dict[str, str]:
-    """``{image_id: split}`` from the dataset's split file (NIH / RSNA readers), its ``image_split``
-    mapping (CheXpert-style readers), or the dataset's own ``split`` for every image; ``{}`` when none
-    is known."""
-    own = getattr(dataset, "split", None)
-    if own:
-        return {i: str(own) for i in dataset.ids}
-    per_image = getattr(dataset, "image_split", None)  # CheXpert / CheXlocalize / MIMIC readers
-    if isinstance(per_image, dict) and per_image:
-        return {i: str(per_image[i]) for i in dataset.ids if i in per_image}
-    from ..data.nih import NIHDataset
-    from ..data.rsna import RSNADataset
-
-    if not isinstance(dataset, (NIHDataset, RSNADataset)):
-        return {}
-    out: dict[str, str] = {}
-    wanted = set(dataset.ids)
-    for sp in ("train", "val", "test"):
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                if isinstance(dataset, NIHDataset):
-                    part = NIHDataset(dataset.root, split=sp, findings=dataset.findings)
-                else:
-                    if sp == "test" and not (Path(dataset.root) / "split.csv").is_file():
-                        continue
-                    part = RSNADataset(dataset.root, split=sp, findings=dataset.findings)
-        except CxrExplainError:
-            continue
-        for i in part.ids:
-            if i in wanted:
-                out[i] = sp
-    return out
 
 
 def _safe_name(image_id: str) -> str:
@@ -289,7 +240,7 @@ def evaluate(
     rank, world = d.rank, d.world
     columns = results_columns(thresholds)
 
-    splits = image_splits(dataset)
+    splits = dataset.splits()
     if split is not None and not splits:
         raise CxrExplainError(f"split={split!r} requested but {type(dataset).__name__} has no split file")
     gts: dict[int, list[GroundTruth]] = {}
