@@ -21,5 +21,5 @@ python3 -m cxr_explain.training auroc --data "$DATA" --checkpoint "$RUN/best.pt"
 
 # 4. Ship it: fp16 weights, 16 reference test films with their logits, the card numbers; writes
 #    src/cxr_explain/assets/{default_densenet121.pt,MODEL_CARD.md} and docs/MODEL_CARD.md.
-python3 -m cxr_explain.models.default --package "$RUN/best.pt" --data "$DATA" \
+python3 -m cxr_explain.training.package --package "$RUN/best.pt" --data "$DATA" \
     --generator-note "${GENERATOR_NOTE:-phantom generator at commit $(git rev-parse --short HEAD)}"

@@ -111,8 +111,10 @@ def _phantom_command(args: argparse.Namespace) -> int:
 # Sub-commands whose argument definitions and entry points live beside their API.
 # (module, add-arguments function, command function)
 _DELEGATED: dict[str, tuple[str, str, str, str]] = {
-    "train": ("cxr_explain.training", "add_train_arguments", "train_cli", "train a classifier (NIH or RSNA layout)"),
-    "auroc": ("cxr_explain.training", "add_auroc_arguments", "auroc_cli", "per-class AUROC with bootstrap CIs (Table 1)"),
+    "train": ("cxr_explain.training.commands", "add_train_arguments", "train_cli",
+              "train a classifier (NIH or RSNA layout)"),
+    "auroc": ("cxr_explain.training.auroc", "add_auroc_arguments", "auroc_cli",
+              "per-class AUROC with bootstrap CIs (Table 1)"),
     "evaluate": ("cxr_explain.evaluation", "add_evaluate_arguments", "evaluate_cli",
                  "localisation metrics per box and method (Table 2)"),
     "report": ("cxr_explain.evaluation", "add_report_arguments", "report_cli", "figures and the HTML report"),
