@@ -19,10 +19,9 @@ from cxr_explain.data.images import get_preprocessing
 from cxr_explain.data.nih import NIHDataset
 from cxr_explain.data.phantom import PhantomConfig, generate
 from cxr_explain.data.phantom_export import export_chexlocalize
-from cxr_explain.evaluation import add_evaluate_arguments
+from cxr_explain.commands import add_evaluate_arguments, load_dataset_from_args
 from cxr_explain.evaluation.chexlocalize import RECORDS_NAME, collect_records, write_chexlocalize_tables
 from cxr_explain.data.layout import detect_layout
-from cxr_explain.evaluation.commands import load_dataset_from_args
 from cxr_explain.metrics.chexlocalize import iou_from_counts, score_map, tune_cutoff, tune_threshold
 from cxr_explain.models import build_model, load_checkpoint, save_checkpoint
 from cxr_explain.models.zoo import BENCHMARK_LABELS

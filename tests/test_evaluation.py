@@ -22,11 +22,10 @@ from cxr_explain.data.images import get_preprocessing
 from cxr_explain.data.nih import NIHDataset
 from cxr_explain.data.phantom import generate
 from cxr_explain.errors import CxrExplainError
-from cxr_explain.evaluation import add_evaluate_arguments, evaluate, load_maps
-from cxr_explain.evaluation.commands import load_dataset_from_args
+from cxr_explain.commands import add_evaluate_arguments, load_dataset_from_args
+from cxr_explain.evaluation import evaluate
 from cxr_explain.evaluation.faithfulness import cascade_layers
-from cxr_explain.evaluation.results import ROW_KEY, ResultsWriter, read_results, results_columns
-from cxr_explain.evaluation.summary import write_summaries
+from cxr_explain.results import ROW_KEY, ResultsWriter, load_maps, read_results, results_columns, write_summaries
 from cxr_explain.metrics.localization import localization_scores
 from cxr_explain.models.zoo import BENCHMARK_LABELS, ModelSpec
 
@@ -57,7 +56,7 @@ def dataset(phantom):
 @pytest.fixture(scope="module")
 def full_run(dataset, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("full")
-    evaluate(tiny_model(), dataset, METHODS, out_dir=out, batch_size=4, progress=False, report=False)
+    evaluate(tiny_model(), dataset, METHODS, out_dir=out, batch_size=4, progress=False)
     return out
 
 
@@ -116,7 +115,7 @@ def test_scores_follow_the_paper_protocol(full_run, dataset):
 
 def test_rerun_appends_nothing(full_run, dataset):
     before = (full_run / "results.csv").read_bytes()
-    evaluate(tiny_model(), dataset, METHODS, out_dir=full_run, batch_size=4, progress=False, report=False)
+    evaluate(tiny_model(), dataset, METHODS, out_dir=full_run, batch_size=4, progress=False)
     assert (full_run / "results.csv").read_bytes() == before
 
 
@@ -129,7 +128,7 @@ def test_interrupted_run_resumes_to_the_same_rows(full_run, dataset, tmp_path):
     # a kill -9 mid-write: drop the last two lines and leave half of the next one
     lines = p.read_text().splitlines(keepends=True)
     p.write_text("".join(lines[:-3]) + lines[-3][: len(lines[-3]) // 2])
-    evaluate(tiny_model(), dataset, METHODS, out_dir=out, batch_size=4, progress=False, report=False)
+    evaluate(tiny_model(), dataset, METHODS, out_dir=out, batch_size=4, progress=False)
     got, want = _rows(out), _rows(full_run)
     assert len(got) == len(want)
     pd.testing.assert_frame_equal(got.drop(columns=["map_file"]), want.drop(columns=["map_file"]), check_exact=False,
@@ -150,13 +149,13 @@ def test_writer_drops_incomplete_groups(tmp_path):
 
 def test_boxes_only_and_settings_guard(dataset, tmp_path):
     boxes, _ = _counts(dataset)
-    out = evaluate(tiny_model(), dataset, ("gradient-x-input",), out_dir=tmp_path, progress=False, report=False,
+    out = evaluate(tiny_model(), dataset, ("gradient-x-input",), out_dir=tmp_path, progress=False,
                    use_masks=False, save_maps=False)
     df = read_results(out / "results.csv")
     assert len(df) == boxes and set(df["gt"]) == {"box"} and (df["map_file"] == "").all()
     assert json.loads((out / "run.json").read_text())["resize"] == "bilinear"
     with pytest.raises(CxrExplainError, match="resize"):
-        evaluate(tiny_model(), dataset, ("gradient-x-input",), out_dir=tmp_path, progress=False, report=False,
+        evaluate(tiny_model(), dataset, ("gradient-x-input",), out_dir=tmp_path, progress=False,
                  use_masks=False, resize="nearest")
 
 
@@ -179,7 +178,7 @@ def test_summaries_table2_layout(full_run):
 
 
 def test_split_filter(dataset, tmp_path):
-    out = evaluate(tiny_model(), dataset, ("cam",), out_dir=tmp_path, split="test", progress=False, report=False)
+    out = evaluate(tiny_model(), dataset, ("cam",), out_dir=tmp_path, split="test", progress=False)
     df = read_results(out / "results.csv")
     assert len(df) > 0 and (df["split"] == "test").all()
 
@@ -194,13 +193,13 @@ def test_torchrun_shards_and_merges(phantom, full_run, tmp_path):
     script = tmp_path / "run.py"
     script.write_text(textwrap.dedent(f"""
         import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})
+        sys.path.insert(0, {str(Path(__file__).resolve().parents[1] / "src")!r})  # this checkout's package
         from test_evaluation import tiny_model, METHODS
         from cxr_explain.data.nih import NIHDataset
         from cxr_explain.models.zoo import BENCHMARK_LABELS
         from cxr_explain.evaluation import evaluate
         ds = NIHDataset({str(phantom)!r}, boxed_only=True, findings=BENCHMARK_LABELS)
-        evaluate(tiny_model(), ds, METHODS, out_dir={str(tmp_path / 'dist')!r}, batch_size=4, progress=False,
-                 report=False)
+        evaluate(tiny_model(), ds, METHODS, out_dir={str(tmp_path / 'dist')!r}, batch_size=4, progress=False)
     """))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
@@ -214,7 +213,7 @@ def test_torchrun_shards_and_merges(phantom, full_run, tmp_path):
 
 
 def test_faithfulness_tables(dataset, tmp_path):
-    out = evaluate(tiny_model(), dataset, ("lrp", "cam"), out_dir=tmp_path, progress=False, report=False,
+    out = evaluate(tiny_model(), dataset, ("lrp", "cam"), out_dir=tmp_path, progress=False,
                    faithfulness=True, faithfulness_images=2, use_masks=False)
     f = pd.read_csv(out / "faithfulness.csv")
     assert len(f) == 4 and np.isfinite(f[["deletion_auc", "insertion_auc"]].to_numpy()).all()
@@ -244,7 +243,7 @@ def test_cli_arguments_and_layout_detection(phantom):
 
 
 def test_demo_with_a_given_model(tmp_path, capsys):
-    from cxr_explain.evaluation.demo import demo
+    from cxr_explain.demo import demo
 
     report = demo(tmp_path, model=tiny_model(), seed=5, size=64, n_generate=16, max_images=2, progress=False, workers=1)
     out = capsys.readouterr().out

@@ -15,7 +15,7 @@ from PIL import Image
 from cxr_explain.data.nih import NIHDataset
 from cxr_explain.data.phantom import generate
 from cxr_explain.evaluation import evaluate
-from cxr_explain.evaluation.results import read_results
+from cxr_explain.results import read_results
 from cxr_explain.models.zoo import BENCHMARK_LABELS, ModelSpec
 from cxr_explain.report.figures import iou_curves, methods_grid, select_regions
 from cxr_explain.report.html import markdown_to_html, write_report
@@ -37,7 +37,7 @@ def results(tmp_path_factory) -> Path:
     generate(root, 12, seed=7, size=64, workers=1, progress=False)
     ds = NIHDataset(root, boxed_only=True, findings=BENCHMARK_LABELS)
     out = tmp_path_factory.mktemp("res")
-    evaluate(_model(), ds, ("cam", "lrp", "rap"), out_dir=out, progress=False, report=False)
+    evaluate(_model(), ds, ("cam", "lrp", "rap"), out_dir=out, progress=False)
     return out
 
 

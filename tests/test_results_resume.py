@@ -4,7 +4,7 @@ from __future__ import annotations
 import gc
 import warnings
 
-from cxr_explain.evaluation.results import ResultsWriter, read_results
+from cxr_explain.results import ResultsWriter, read_results
 
 COLUMNS = ["image_id", "finding", "method", "gt", "gt_index", "logit"]
 

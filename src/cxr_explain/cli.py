@@ -115,10 +115,10 @@ _DELEGATED: dict[str, tuple[str, str, str, str]] = {
               "train a classifier (NIH or RSNA layout)"),
     "auroc": ("cxr_explain.training.auroc", "add_auroc_arguments", "auroc_cli",
               "per-class AUROC with bootstrap CIs (Table 1)"),
-    "evaluate": ("cxr_explain.evaluation", "add_evaluate_arguments", "evaluate_cli",
+    "evaluate": ("cxr_explain.commands", "add_evaluate_arguments", "evaluate_cli",
                  "localisation metrics per box and method (Table 2)"),
-    "report": ("cxr_explain.evaluation", "add_report_arguments", "report_cli", "figures and the HTML report"),
-    "demo": ("cxr_explain.evaluation", "add_demo_arguments", "demo_cli",
+    "report": ("cxr_explain.commands", "add_report_arguments", "report_cli", "figures and the HTML report"),
+    "demo": ("cxr_explain.commands", "add_demo_arguments", "demo_cli",
              "the main job on the built-in synthetic benchmark and the shipped model"),
 }
 

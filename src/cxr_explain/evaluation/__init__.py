@@ -1,7 +1,6 @@
-"""Evaluation pipeline: score explanations against lesion boxes/masks, summarise, report."""
-from .commands import (add_demo_arguments, add_evaluate_arguments, add_report_arguments, demo_cli,
-                       evaluate_cli, report_cli)
-from .runner import evaluate, load_maps
+"""The evaluation loop: explain every lesion of a dataset with several methods, score each map
+against its box or mask, and write the rows, maps and run record through :mod:`cxr_explain.results`;
+plus the faithfulness checks and the relevance-share (intention) analysis."""
+from .runner import DEFAULT_METHODS, GroundTruth, evaluate, ground_truths
 
-__all__ = ["evaluate", "load_maps", "evaluate_cli", "report_cli", "demo_cli", "add_evaluate_arguments",
-           "add_report_arguments", "add_demo_arguments"]
+__all__ = ["evaluate", "ground_truths", "GroundTruth", "DEFAULT_METHODS"]

@@ -35,7 +35,7 @@ from ..errors import CxrExplainError
 from ..metrics.chexlocalize import (IOU_MODES, THRESHOLD_GRID, hit_points, protocol_markdown, protocol_summary,
                                     score_map, threshold_column)
 from ..runtime import resolve_device
-from .results import ResultsWriter, read_results
+from ..results.store import ResultsWriter, read_results
 
 RECORDS_NAME = "chexlocalize_records.csv"
 TABLE_NAME = "chexlocalize"

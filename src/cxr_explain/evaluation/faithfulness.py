@@ -29,7 +29,7 @@ from ..attribution import explain
 from ..data.images import Preprocessing
 from ..metrics.faithfulness import deletion_insertion, randomization_sanity
 from ..metrics.localization import bootstrap_mean_ci
-from .summary import TABLES_DIR
+from ..results.folder import TABLES_DIR
 
 FAITHFULNESS_NAME = "faithfulness.csv"
 RANDOMIZATION_NAME = "randomization.csv"

@@ -38,7 +38,7 @@ from ..data.nih import read_mask
 from ..errors import CxrExplainError
 from ..metrics.localization import bootstrap_mean_ci, region_shares
 from ..runtime import resolve_device
-from .summary import TABLES_DIR
+from ..results.folder import TABLES_DIR
 
 SHARES = ("inside_lesion", "lung_outside_lesion", "outside_lungs", "on_cue")
 

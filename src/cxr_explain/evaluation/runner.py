@@ -1,7 +1,7 @@
 """``evaluate``: explain every lesion of a dataset with several methods and score the maps.
 
 One row per (image, ground truth, method) goes to ``results.csv`` as it is produced
-(:mod:`.results`). The protocol is the paper's (``docs/evaluation.md`` §1): the explained output is
+(:mod:`cxr_explain.results`, which owns its schema). The protocol is the paper's (``docs/evaluation.md`` §1): the explained output is
 the logit of the box's finding whatever the model predicted; the map is resized to the original
 image size (``resize``), negatives set to 0 and divided by its maximum; the region ``h > T`` is
 compared with the box (or exact mask) in original pixel space. The same row carries the
@@ -14,9 +14,7 @@ runs the model on a GPU; under ``torchrun`` each rank evaluates every ``world_si
 """
 from __future__ import annotations
 
-import json
 import os
-import re
 import warnings
 from dataclasses import dataclass
 from datetime import timedelta
@@ -37,9 +35,12 @@ from ..errors import CxrExplainError
 from ..metrics.localization import (EMPTY_REGION_MODES, PAPER_THRESHOLDS, RESIZE_MODES,
                                     localization_scores)
 from ..runtime import init_distributed, resolve_device
-from .results import RESULTS_NAME, ResultsWriter, merge_results, read_results, results_columns
+from ..results.maps import map_file as map_file_of
+from ..results.maps import save_maps as write_maps
+from ..results.run import record_run
+from ..results.schema import RESULTS_NAME, results_columns
+from ..results.store import ResultsWriter, complete_pairs, merge_results
 
-RUN_FILE = "run.json"
 DEFAULT_METHODS = ("cam", "lrp", "rap")
 
 
@@ -107,69 +108,6 @@ def _dataset_info(dataset: Any) -> dict:
             "n_images": len(dataset)}
 
 
-def _check_run_file(out: Path, settings: dict) -> dict:
-    """Write ``run.json``; on a rerun, the scoring settings must match the earlier ones."""
-    p = out / RUN_FILE
-    fixed = ("thresholds", "resize", "empty_region", "scaling", "model", "masks", "versus")
-    if p.is_file():
-        try:
-            old = json.loads(p.read_text())
-        except ValueError:
-            raise CxrExplainError(f"{p} is not valid JSON; delete it or evaluate into a new --out folder") from None
-        for k in fixed:
-            if old.get(k) != settings.get(k):
-                raise CxrExplainError(
-                    f"{out} holds results made with another {k} ({old.get(k)!r}); "
-                    "evaluate into a new --out folder or delete it")
-        old_ms, new_ms = old.get("method_settings", {}), settings.get("method_settings", {})
-        for m in set(old_ms) & set(new_ms):
-            if old_ms[m] != new_ms[m]:
-                raise CxrExplainError(
-                    f"{out} holds {m} results made with other options ({old_ms[m]!r}, now {new_ms[m]!r}); "
-                    "evaluate into a new --out folder or delete it")
-        settings["method_settings"] = {**old_ms, **new_ms}
-        settings["methods"] = list(dict.fromkeys(list(old.get("methods", [])) + list(settings["methods"])))
-    tmp = p.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(settings, indent=1))
-    os.replace(tmp, p)
-    return settings
-
-
-def _safe_name(image_id: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "__", image_id)
-
-
-SCALE_SUFFIX = "__scale"
-
-
-def _save_maps(path: Path, maps: dict[str, np.ndarray]) -> None:
-    """float16 ``.npz``, written atomically: per finding ``h / s`` as float16 and ``s = max|h|`` as
-    float32 under ``<finding>__scale`` (so small-magnitude maps keep float16's relative precision)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    arrays = {}
-    for k, v in maps.items():
-        v = np.asarray(v, dtype=np.float32)
-        s = float(np.abs(v).max()) if v.size else 0.0
-        s = s if s > 0 and np.isfinite(s) else 1.0
-        arrays[k] = (v / s).astype(np.float16)
-        arrays[k + SCALE_SUFFIX] = np.float32(s)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        np.savez_compressed(fh, **arrays)
-    os.replace(tmp, path)
-
-
-def load_maps(path: Path | str) -> dict[str, np.ndarray]:
-    """The maps of one (image, method) saved by :func:`evaluate`: ``{finding: (H, W) float32}``."""
-    p = Path(path)
-    try:
-        with np.load(p) as z:
-            return {k: z[k].astype(np.float32) * float(z[k + SCALE_SUFFIX]) if k + SCALE_SUFFIX in z.files
-                    else z[k].astype(np.float32) for k in z.files if not k.endswith(SCALE_SUFFIX)}
-    except (OSError, ValueError) as e:
-        raise CxrExplainError(f"cannot read heatmaps {p}: {e}; rerun evaluate into this folder") from None
-
-
 def _identity_geometry(pre: Preprocessing, h: int, w: int) -> bool:
     g = pre.geometry(h, w)
     return g.x0 == 0 and g.y0 == 0 and g.crop_w == w and g.crop_h == h
@@ -196,7 +134,6 @@ def evaluate(
     scaling: str = "clip",
     faithfulness_images: int = 8,
     max_images: Optional[int] = None,
-    report: bool = True,
     stop_after_batches: Optional[int] = None,
     method_options: Optional[dict[str, dict[str, Any]]] = None,
     versus: Optional[str] = None,
@@ -204,11 +141,11 @@ def evaluate(
     """Evaluate ``methods`` on every box (and exact mask) of ``dataset``; returns ``out_dir``.
 
     Writes ``results.csv`` (one row per image × ground truth × method; columns in
-    :func:`~.results.results_columns`), ``maps/<method>/<image>.npz`` (float16 maps at the model's
-    input resolution, one array per finding), ``run.json`` (settings), then the summary tables,
-    figures and ``report.html`` (``report=False`` skips them). A rerun skips (image, method) pairs
-    already complete. ``split`` keeps only images of that split (from the dataset's split file);
-    the ``split`` column always names each image's split where one is known. ``max_images`` keeps
+    :func:`cxr_explain.results.results_columns`), ``maps/<method>/<image>.npz`` (float16 maps at the
+    model's input resolution, one array per finding; :mod:`cxr_explain.results.maps`) and ``run.json``
+    (settings). Tables, figures and ``report.html`` are :func:`cxr_explain.report.write_report`'s job.
+    A rerun skips (image, method) pairs already complete. ``split`` keeps only images of that split
+    (the dataset's ``splits()``); the ``split`` column always names each image's split where one is known. ``max_images`` keeps
     the first N images with ground truth (dataset order). ``stop_after_batches`` stops early (to
     test resuming). ``faithfulness`` adds deletion / insertion and the randomisation check on the
     first ``faithfulness_images`` images (:mod:`.faithfulness`). ``method_options``: per method name,
@@ -236,7 +173,7 @@ def evaluate(
     versus_index = label_index(versus, labels) if versus else None
     pre = get_preprocessing(info["preprocessing"], info["input_size"])
     dev = resolve_device(device)
-    d = init_distributed(dev, timeout=timedelta(hours=24))  # rank 0 may merge, score and report for long
+    d = init_distributed(dev, timeout=timedelta(hours=24))  # rank 0 may merge and score faithfulness for long
     rank, world = d.rank, d.world
     columns = results_columns(thresholds)
 
@@ -264,14 +201,14 @@ def evaluate(
                 "protocol": "docs/evaluation.md §1 (IoU of h>T vs box in original pixel space) + §2 Otsu/hit "
                             "+ §3 mass/rank/AUPRC"}
     if rank == 0:
-        settings = _check_run_file(out, settings)
+        settings = record_run(out, settings)
     d.barrier()
 
     ids = {i: dataset.samples[i].image_id for i in gts}
     expected = {(ids[i], m): len(g) for i, g in gts.items() for m in methods}
     main_path = out / RESULTS_NAME
     if world > 1:
-        done_main = _complete_pairs(main_path, columns, expected)
+        done_main = complete_pairs(main_path, columns, expected)
         writer = ResultsWriter(out / f"results.rank{rank}.csv", columns, expected)
         writer.done |= done_main
     else:
@@ -313,26 +250,12 @@ def evaluate(
     if world > 1 and rank == 0:
         merge_results(main_path, [out / f"results.rank{r}.csv" for r in range(world)], columns)
     d.barrier()
-    if rank == 0 and stop_after_batches is None:
-        if faithfulness:
-            from .faithfulness import run_faithfulness
+    if rank == 0 and stop_after_batches is None and faithfulness:
+        from .faithfulness import run_faithfulness
 
-            run_faithfulness(model, dataset, out, methods, sorted(gts)[:faithfulness_images], gts, pre,
-                             progress=progress)
-        if report:
-            from ..report.html import write_report
-
-            write_report(out)
+        run_faithfulness(model, dataset, out, methods, sorted(gts)[:faithfulness_images], gts, pre,
+                         progress=progress)
     return out
-
-
-def _complete_pairs(path: Path, columns: Sequence[str], expected: dict) -> set:
-    df = read_results(path, columns)
-    if not len(df):
-        return set()
-    counts = df.drop_duplicates(subset=["image_id", "method", "finding", "gt", "gt_index"]).groupby(
-        ["image_id", "method"]).size()
-    return {k for k, n in counts.items() if expected.get(k) == n}
 
 
 def _gt_mask(sample: Sample, gt: GroundTruth, h: int, w: int) -> np.ndarray:
@@ -379,9 +302,8 @@ def _score_batch(model: nn.Module, configured: Method, items: list[dict], gts: d
         fs = list(dict.fromkeys(g.finding for g in gts[it["index"]]))
         map_file = ""
         if ctx["save_maps"]:
-            rel = Path("maps") / method / f"{_safe_name(s.image_id)}.npz"
-            _save_maps(ctx["out"] / rel, {f: maps[b, k].numpy() for k, f in enumerate(fs)})
-            map_file = rel.as_posix()
+            map_file = map_file_of(method, s.image_id)
+            write_maps(ctx["out"] / map_file, {f: maps[b, k].numpy() for k, f in enumerate(fs)})
         n_boxes = sum(1 for g in gts[it["index"]] if g.gt == "box")
         rows = []
         for g in gts[it["index"]]:

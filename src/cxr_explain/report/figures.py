@@ -20,12 +20,11 @@ from ..attribution.methods import method_class
 from ..data.images import get_preprocessing, read_image
 from ..data.types import Box
 from ..errors import CxrExplainError
-from ..evaluation.results import RESULTS_NAME, iou_column, read_results
-from ..evaluation.runner import load_maps
-from ..evaluation.summary import ABBREV, ALL, load_run, subsets_of, summarize, thresholds_of
-from .overlay import draw_box, figure_grid, overlay, to_gray_uint8
+from ..results.folder import ResultsFolder
+from ..results.schema import iou_column, thresholds_of
+from ..results.summary import ABBREV, ALL, subsets_of, summarize
+from .overlay import draw_box, figure_grid, overlay
 
-FIGURES_DIR = "figures"
 REGION_KEY = ["image_id", "finding", "gt", "gt_index"]
 
 
@@ -43,27 +42,18 @@ def load_xray_uint8(path: str | Path, size: Optional[int] = None) -> np.ndarray:
 
 
 class MapStore:
-    """Reads the saved maps of a results folder and brings them to original (or display) space."""
+    """The saved maps of a results folder, brought to original (or display) space with the
+    model's preprocessing (from ``run.json``)."""
 
-    def __init__(self, results_dir: str | Path):
-        self.dir = Path(results_dir)
-        run = load_run(self.dir)
-        model = run.get("model", {})
+    def __init__(self, results_dir: str | Path | ResultsFolder):
+        self.folder = ResultsFolder.of(results_dir)
+        self.dir = self.folder.path
+        model = self.folder.run.get("model", {})
         self.pre = get_preprocessing(model.get("preprocessing", "imagenet-rgb"), int(model.get("input_size", 224)))
-        self._cache: dict[str, dict] = {}
 
     def raw(self, map_file: str, finding: str) -> np.ndarray:
         """The saved map (model input resolution, float32) of ``finding``."""
-        if not map_file:
-            raise CxrExplainError(f"{self.dir}: maps were not saved (evaluate with save_maps=True) so no figure can be drawn")
-        if map_file not in self._cache:
-            if len(self._cache) > 64:
-                self._cache.clear()
-            p = self.dir / map_file
-            if not p.is_file():
-                raise CxrExplainError(f"{p}: heatmap file missing; rerun evaluate into this folder")
-            self._cache[map_file] = load_maps(p)
-        maps = self._cache[map_file]
+        maps = self.folder.maps(map_file)
         if finding not in maps:
             raise CxrExplainError(f"{self.dir / map_file}: no map for {finding!r}")
         return maps[finding]
@@ -148,18 +138,19 @@ def _rows_for(df: pd.DataFrame, key: pd.Series, method: str) -> pd.Series:
 # --------------------------------------------------------------------------- figures
 def _selection(results_dir, df, methods, n, how, finding, gt, seed):
     """(folder, results, evaluated methods, selected regions, map store) for a figure, or an error."""
-    d = Path(results_dir)
-    df = read_results(d / RESULTS_NAME) if df is None else df
+    folder = ResultsFolder.of(results_dir)
+    d = folder.path
+    df = folder.results if df is None else df
     methods = [m for m in methods if m in set(df["method"])]
     if not methods:
         raise CxrExplainError(f"{d}: none of the requested methods were evaluated")
     sel = select_regions(df, methods, n, how, finding, gt, seed=seed)
     if not len(sel):
         raise CxrExplainError(f"{d}: no {gt} regions{' of ' + finding if finding else ''} to draw")
-    return d, df, methods, sel, MapStore(d)
+    return d, df, methods, sel, MapStore(folder)
 
 
-def methods_grid(results_dir: str | Path, out_path: str | Path, methods: Sequence[str] = ("cam", "lrp", "rap"),
+def methods_grid(results_dir: str | Path | ResultsFolder, out_path: str | Path, methods: Sequence[str] = ("cam", "lrp", "rap"),
                  n: int = 4, how: str = "best", finding: Optional[str] = None, gt: str = "box",
                  size: int = 224, seed: int = 0, df: Optional[pd.DataFrame] = None) -> list[Path]:
     """Fig. 3: rows of X-ray | CAM | LRP | RAP (``methods``) with the box in red; PNG + PDF."""
@@ -175,7 +166,7 @@ def methods_grid(results_dir: str | Path, out_path: str | Path, methods: Sequenc
     return figure_grid(rows, ["X-ray"] + [m.upper() for m in methods], out_path, row_titles=titles)
 
 
-def tuples_figure(results_dir: str | Path, out_path: str | Path, methods: Sequence[str] = ("lrp", "rap"),
+def tuples_figure(results_dir: str | Path | ResultsFolder, out_path: str | Path, methods: Sequence[str] = ("lrp", "rap"),
                   n: int = 4, per_row: int = 2, how: str = "random", finding: Optional[str] = None,
                   gt: str = "box", size: int = 224, seed: int = 0, df: Optional[pd.DataFrame] = None) -> list[Path]:
     """Figs. 5/6: image | LRP | RAP tuples, ``per_row`` tuples side by side; PNG + PDF."""
@@ -194,15 +185,16 @@ def tuples_figure(results_dir: str | Path, out_path: str | Path, methods: Sequen
     return figure_grid(rows, titles, out_path)
 
 
-def iou_curves(results_dir: str | Path, out_path: str | Path, gt: str = "box", subset: str = "all",
+def iou_curves(results_dir: str | Path | ResultsFolder, out_path: str | Path, gt: str = "box", subset: str = "all",
                df: Optional[pd.DataFrame] = None, n_boot: int = 1000) -> list[Path]:
     """Mean IoU (bootstrap 95% band) against the threshold T, one panel per finding (+ All), one
     line per method; PNG + PDF."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    d = Path(results_dir)
-    df = read_results(d / RESULTS_NAME) if df is None else df
+    folder = ResultsFolder.of(results_dir)
+    d = folder.path
+    df = folder.results if df is None else df
     subs = subsets_of(df)
     if subset not in subs:
         raise CxrExplainError(f"{d}: no {subset!r} subset in the results")
@@ -247,24 +239,25 @@ def iou_curves(results_dir: str | Path, out_path: str | Path, gt: str = "box", s
     return out
 
 
-def make_figures(results_dir: str | Path, methods: Sequence[str] = ("cam", "lrp", "rap"), n: int = 4,
-                 seed: int = 0) -> dict[str, list[Path]]:
+def make_figures(results_dir: str | Path | ResultsFolder, methods: Sequence[str] = ("cam", "lrp", "rap"), n: int = 4,
+                 seed: int = 0, grids: bool = True) -> dict[str, list[Path]]:
     """All standard figures into ``figures/``: IoU curves per subset and ground truth, and (when
-    maps were saved) Fig. 3 grids of the best, worst and random regions and the LRP | RAP tuples."""
-    d = Path(results_dir)
-    df = read_results(d / RESULTS_NAME)
-    if not len(df):
-        raise CxrExplainError(f"{d / RESULTS_NAME}: no results; run evaluate first")
-    fd = d / FIGURES_DIR
+    maps were saved and ``grids``) Fig. 3 grids of the best, worst and random regions and the
+    LRP | RAP tuples."""
+    folder = ResultsFolder.of(results_dir)
+    df = folder.require_results("draw")
+    fd = folder.figures_dir
     out: dict[str, list[Path]] = {}
     for subset, sdf in subsets_of(df).items():
         for gt in dict.fromkeys(sdf["gt"]):
-            out[f"iou_curves_{subset}_{gt}"] = iou_curves(d, fd / f"iou_curves_{subset}_{gt}", gt, subset, df=df)
+            out[f"iou_curves_{subset}_{gt}"] = iou_curves(folder, fd / f"iou_curves_{subset}_{gt}", gt, subset, df=df)
+    if not grids:
+        return out
     have = [m for m in methods if m in set(df["method"])] or list(dict.fromkeys(df["method"]))[:3]
     if (df["map_file"].astype(str) != "").all():
         gt = "box" if (df["gt"] == "box").any() else str(df["gt"].iloc[0])
         for how in ("best", "worst", "random"):
-            out[f"fig3_{how}"] = methods_grid(d, fd / f"fig3_{how}", have, n, how, gt=gt, seed=seed, df=df)
+            out[f"fig3_{how}"] = methods_grid(folder, fd / f"fig3_{how}", have, n, how, gt=gt, seed=seed, df=df)
         pair = [m for m in ("lrp", "rap") if m in set(df["method"])] or have[:2]
-        out["fig56_tuples"] = tuples_figure(d, fd / "fig56_tuples", pair, n, gt=gt, seed=seed, df=df)
+        out["fig56_tuples"] = tuples_figure(folder, fd / "fig56_tuples", pair, n, gt=gt, seed=seed, df=df)
     return out

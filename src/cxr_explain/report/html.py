@@ -19,10 +19,10 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from ..errors import CxrExplainError
-from ..evaluation.results import RESULTS_NAME, iou_column, read_results
-from ..evaluation.summary import ABBREV, TABLES_DIR, load_run, subsets_of, thresholds_of, write_summaries
-from .figures import FIGURES_DIR, MapStore, make_figures, region_table, tile
+from ..results.folder import TABLES_DIR, ResultsFolder
+from ..results.schema import iou_column, thresholds_of
+from ..results.summary import ABBREV, write_summaries
+from .figures import MapStore, make_figures, region_table, tile
 
 REPORT_NAME = "report.html"
 
@@ -105,12 +105,12 @@ def _fmt(v) -> str:
     return "–" if not np.isfinite(v) else f"{v:.2f}"
 
 
-def _gallery(d: Path, df: pd.DataFrame, per_finding: int, thumb: int) -> str:
+def _gallery(folder: ResultsFolder, df: pd.DataFrame, per_finding: int, thumb: int) -> str:
     """Per finding a collapsible table: one row per region (best and worst by mean IoU at the
     middle threshold, up to ``per_finding``), columns X-ray + one heatmap per method with scores."""
     if not len(df) or (df["map_file"].astype(str) == "").any():
         return "<p>No heatmaps were saved (evaluate with save_maps=True), so there is no gallery.</p>"
-    store = MapStore(d)
+    store = MapStore(folder)
     ts = thresholds_of(df)
     mid = iou_column(ts[len(ts) // 2])
     methods = list(dict.fromkeys(df["method"]))
@@ -156,20 +156,12 @@ def write_report(results_dir: str | os.PathLike, gallery_per_finding: int = 6, t
                  grids: bool = True, title: Optional[str] = None) -> Path:
     """Write ``report.html`` into ``results_dir`` (tables, IoU curves, Fig. 3 grids when ``grids``,
     faithfulness and intention results when present, gallery) and return its path."""
-    d = Path(results_dir)
-    df = read_results(d / RESULTS_NAME)
-    if not len(df):
-        raise CxrExplainError(f"{d / RESULTS_NAME}: no results to report; run evaluate first")
-    run = load_run(d)
-    write_summaries(d)
-    figs = make_figures(d) if grids else {}
-    if not grids:
-        from .figures import iou_curves
-
-        for subset, sdf in subsets_of(df).items():
-            for gt in dict.fromkeys(sdf["gt"]):
-                figs[f"iou_curves_{subset}_{gt}"] = iou_curves(d, d / FIGURES_DIR / f"iou_curves_{subset}_{gt}", gt,
-                                                               subset, df=df)
+    folder = ResultsFolder(results_dir)
+    d = folder.path
+    df = folder.require_results("report")  # read once, shared by tables, figures and gallery
+    run = folder.run
+    write_summaries(folder)
+    figs = make_figures(folder, grids=grids)
     model = run.get("model", {})
     ds = run.get("dataset", {})
     n_img = df["image_id"].nunique()
@@ -197,7 +189,7 @@ def write_report(results_dir: str | os.PathLike, gallery_per_finding: int = 6, t
     if extra:
         parts.append("<h2>Faithfulness and sanity (docs/evaluation.md §4)</h2>")
         parts.append(_section_tables(d, extra))
-        for png in sorted((d / FIGURES_DIR).glob("randomization*.png")) + sorted((d / FIGURES_DIR).glob("deletion*.png")):
+        for png in sorted((folder.figures_dir).glob("randomization*.png")) + sorted((folder.figures_dir).glob("deletion*.png")):
             parts.append(f"<p><img class='fig' alt='{png.stem}' src='{_file_uri(png)}'></p>")
     intent = sorted(p.stem for p in (d / TABLES_DIR).glob("intention*.md"))
     if intent:
@@ -209,7 +201,7 @@ def write_report(results_dir: str | os.PathLike, gallery_per_finding: int = 6, t
         for k, paths in grid_figs:
             parts.append(f"<h3>{html.escape(k)}</h3><p><img class='fig' alt='{k}' src='{_file_uri(paths[0])}'></p>")
     parts.append("<h2>Gallery per finding and method</h2>")
-    parts.append(_gallery(d, df, gallery_per_finding, thumb))
+    parts.append(_gallery(folder, df, gallery_per_finding, thumb))
     doc = ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
            "<meta http-equiv='Content-Security-Policy' content=\"default-src 'none'; img-src data:; style-src 'unsafe-inline'\">"
            f"<title>{html.escape(title or 'cxr-explain report')}</title><style>{_CSS}</style></head><body>"

@@ -1,4 +1,5 @@
-"""The incremental results file: one CSV row per (image, ground truth, method), appended as produced.
+"""The incremental results file (``results.csv``): one CSV row per (image, ground truth, method),
+appended as produced; its columns are :mod:`.schema`'s.
 
 Rows are written in groups, one group = all rows of one (image, method) pair, and the file is
 flushed and fsync'ed after each batch. On reopening, a partially written last line (a run killed
@@ -17,26 +18,7 @@ from typing import Iterable, Mapping, Optional, Sequence
 import pandas as pd
 
 from ..errors import CxrExplainError
-
-RESULTS_NAME = "results.csv"
-#: Columns before the per-threshold IoUs.
-HEAD_COLUMNS = ["image_id", "finding", "method", "gt", "gt_index", "logit", "prob", "n_boxes"]
-#: Columns after the per-threshold IoUs.
-TAIL_COLUMNS = ["otsu_t", "iou_otsu", "hit", "mass", "rank_acc", "auprc", "split", "map_file",
-                "image_path", "height", "width", "box_x", "box_y", "box_w", "box_h"]
-#: A row's identity; the results file never holds two rows with the same key.
-ROW_KEY = ["image_id", "method", "finding", "gt", "gt_index"]
-
-
-def iou_column(t: float) -> str:
-    """Column name of the IoU at threshold ``t`` (``iou@0.1``), as ``localization_scores`` names it."""
-    return f"iou@{format(float(t), 'g')}"
-
-
-def results_columns(thresholds: Sequence[float]) -> list[str]:
-    """All columns of a results file for these thresholds, in file order."""
-    return HEAD_COLUMNS + [iou_column(t) for t in thresholds] + TAIL_COLUMNS
-
+from .schema import ROW_KEY
 
 def _fmt(v) -> str:
     if v is None:
@@ -180,3 +162,13 @@ def merge_results(out_path: Path | str, parts: Sequence[Path | str], columns: Se
             if Path(p) != out and Path(p).is_file():
                 Path(p).unlink()
     return df
+
+
+def complete_pairs(path: Path | str, columns: Sequence[str], expected: Mapping[tuple[str, str], int]) -> set:
+    """The (image, method) pairs of the results file at ``path`` that have all their
+    ``expected[(image_id, method)]`` rows (distinct :data:`~.schema.ROW_KEY`)."""
+    df = read_results(path, columns)
+    if not len(df):
+        return set()
+    counts = df.drop_duplicates(subset=ROW_KEY).groupby(["image_id", "method"]).size()
+    return {k for k, n in counts.items() if expected.get(k) == n}

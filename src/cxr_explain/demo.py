@@ -15,30 +15,35 @@ from typing import Optional
 
 import torch.nn as nn
 
-from ..errors import CxrExplainError
+from .errors import CxrExplainError
 
 DEMO_N = 1000
 DEMO_MAX_IMAGES = 150
 FULL_N = 1000
 
 
-def _default_model():
-    """``(model, benchmark seed, film size, benchmark n)`` of the shipped model, from its card."""
+def shipped_model() -> nn.Module:
+    """The shipped model (:func:`cxr_explain.models.default.load_default_model`), or a
+    CxrExplainError saying how to evaluate another checkpoint when this install lacks it."""
     try:
-        from ..models import default as dm
+        from .models.default import load_default_model
     except ImportError:
         raise CxrExplainError(
             "the shipped model is not available in this install (cxr_explain.models.default is missing); "
             "evaluate your own checkpoint with `cxr-explain evaluate --checkpoint FILE --data DIR`") from None
-    loaded = dm.load_default_model()
-    model = loaded[0] if isinstance(loaded, tuple) else loaded
-    bench: dict = {}
+    return load_default_model()
+
+
+def _benchmark_of_shipped_model(model: nn.Module) -> tuple[int, int, int]:
+    """``(benchmark seed, film size, benchmark n)`` the shipped model was trained on, from its card."""
+    from .models.default import default_model_info
+
     try:
-        bench = dict(dm.default_model_info().get("card", {}).get("benchmark", {}) or {})
+        bench = dict(default_model_info().get("card", {}).get("benchmark", {}) or {})
     except Exception:  # an asset without a card: fall back to the generator's defaults
         bench = {}
     size = bench.get("size") or getattr(model.cxr_spec, "input_size", None) or 1024
-    return model, int(bench.get("seed", 0)), int(size), int(bench.get("n") or FULL_N)
+    return int(bench.get("seed", 0)), int(size), int(bench.get("n") or FULL_N)
 
 
 def demo(out_dir: str | Path = "cxr-explain-demo", full: bool = False, device: str = "cpu",
@@ -48,15 +53,17 @@ def demo(out_dir: str | Path = "cxr-explain-demo", full: bool = False, device: s
     """Generate the benchmark (if absent), evaluate CAM / LRP / RAP on its test split, write the
     report, print Table 2 and the report's path; returns the path of ``report.html``.
     ``model`` / ``seed`` / ``size`` / ``n_generate`` / ``max_images`` override the defaults."""
-    from ..data.labels import CHEXNET_FINDINGS
-    from ..data.nih import NIHDataset
-    from ..data.phantom import generate
-    from .runner import evaluate
-    from .summary import table2_text
+    from .data.labels import CHEXNET_FINDINGS
+    from .data.nih import NIHDataset
+    from .data.phantom import generate
+    from .evaluation import evaluate
+    from .report.html import write_report
+    from .results.summary import table2_text
 
     d_full = FULL_N
     if model is None:
-        model, d_seed, d_size, d_full = _default_model()
+        model = shipped_model()
+        d_seed, d_size, d_full = _benchmark_of_shipped_model(model)
     else:
         d_seed, d_size = 0, 1024
     seed = d_seed if seed is None else int(seed)
@@ -82,7 +89,7 @@ def demo(out_dir: str | Path = "cxr-explain-demo", full: bool = False, device: s
     res = evaluate(model, ds, methods=("cam", "lrp", "rap"), out_dir=out / "results", split="test",
                    device=device, workers=workers or 0, progress=progress, faithfulness=full,
                    max_images=None if full else (max_images or DEMO_MAX_IMAGES), batch_size=4)
+    report = write_report(res)
     print(table2_text(res, "all", "box"))
-    report = res / "report.html"
     print(f"report: {report.resolve()}")
     return report

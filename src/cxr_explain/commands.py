@@ -1,13 +1,15 @@
 """Command-line glue for ``cxr-explain evaluate``, ``report`` and ``demo``: argument definitions
-and the functions the CLI calls (the CLI itself stays thin)."""
+and the functions the CLI calls (the CLI itself stays thin). These commands chain packages that
+do not know each other: :mod:`.evaluation` writes a results folder, :mod:`.report` reads it."""
 from __future__ import annotations
 
 import argparse
+import os
 import warnings
 from pathlib import Path
 
-from ..errors import CxrExplainError
-from ..metrics.localization import EMPTY_REGION_MODES, PAPER_THRESHOLDS, RESIZE_MODES
+from .errors import CxrExplainError
+from .metrics.localization import EMPTY_REGION_MODES, PAPER_THRESHOLDS, RESIZE_MODES
 
 LAYOUTS = ("auto", "nih", "rsna", "chexlocalize", "chexpert", "mimic", "folder")
 
@@ -82,22 +84,22 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def load_model_from_args(args) -> object:
     """The checkpoint named by ``--checkpoint`` (strict load), else the shipped model."""
     if getattr(args, "checkpoint", None):
-        from ..models.checkpoints import load_checkpoint
+        from .models.checkpoints import load_checkpoint
 
         model, _, _ = load_checkpoint(args.checkpoint, arch=getattr(args, "arch", None),
                                       trust_pickle=bool(getattr(args, "trust_pickle", False)))
         return model
-    from .demo import _default_model
+    from .demo import shipped_model
 
-    return _default_model()[0]
+    return shipped_model()
 
 
 def load_dataset_from_args(args, labels) -> object:
     """The dataset at ``--data`` (``--layout``, default detected by
     :func:`cxr_explain.data.layout.detect_layout`); NIH / RSNA readers keep the findings the model
     outputs."""
-    from ..data.labels import CHEXNET_FINDINGS, RSNA_FINDINGS
-    from ..data.layout import open_dataset
+    from .data.labels import CHEXNET_FINDINGS, RSNA_FINDINGS
+    from .data.layout import open_dataset
 
     root = Path(args.data)
     layout = resolve_layout(args)
@@ -117,7 +119,7 @@ def load_dataset_from_args(args, labels) -> object:
 def resolve_layout(args) -> str:
     """``--layout``, or the one :func:`cxr_explain.data.layout.detect_layout` finds at ``--data``
     (a DataError when ``--data`` is not a folder)."""
-    from ..data.layout import detect_layout
+    from .data.layout import detect_layout
 
     root = Path(args.data)
     layout = getattr(args, "layout", "auto") or "auto"
@@ -134,10 +136,12 @@ def _chexlocalize_all_pairs(args) -> bool:
 
 
 def evaluate_cli(args) -> Path:
-    """``cxr-explain evaluate``: run :func:`~.runner.evaluate`, print Table 2 and the report path."""
-    from ..attribution.methods import parse_method_options
-    from .runner import evaluate
-    from .summary import table2_text
+    """``cxr-explain evaluate``: :func:`~.evaluation.evaluate` (with the CheXlocalize protocol and the
+    intention analysis when asked), then the report (:func:`~.report.html.write_report`, or only the
+    tables with ``--no-report``); prints Table 2 (and the CheXlocalize table)."""
+    from .attribution.methods import parse_method_options
+    from .evaluation import evaluate
+    from .results.summary import table2_text, write_summaries
 
     if Path(args.data).is_dir() and resolve_layout(args) in ("chexpert", "mimic"):
         raise CxrExplainError(
@@ -145,44 +149,43 @@ def evaluate_cli(args) -> Path:
             "against; for localisation use CheXlocalize (its gt_segmentations_*.json beside the CheXpert files)")
     method_options = parse_method_options(args.methods, getattr(args, "method_option", None) or [])
     model = load_model_from_args(args)
-    from ..models.default import synthetic_model_warning
+    from .models.default import synthetic_model_warning
 
     note = synthetic_model_warning(model, [args.data], shipped=not getattr(args, "checkpoint", None))
     if note:
         warnings.warn(note, UserWarning, stacklevel=2)
     ds = load_dataset_from_args(args, list(model.cxr_spec.labels))
-    no_report = bool(getattr(args, "no_report", False))
     cxl = bool(getattr(args, "chexlocalize", False)) or resolve_layout(args) == "chexlocalize"
     out = evaluate(model, ds, methods=args.methods, thresholds=args.thresholds, out_dir=args.out,
                    batch_size=args.batch_size, device=args.device, workers=args.workers, split=args.split,
                    resize=args.resize, empty_region=args.empty_region, save_maps=not args.no_maps,
                    faithfulness=args.faithfulness, progress=not args.no_progress, use_masks=not args.no_masks,
                    faithfulness_images=args.faithfulness_images, max_images=args.max_images,
-                   report=not no_report and not getattr(args, "intention", None) and not cxl,
                    method_options=method_options, versus=getattr(args, "versus", None))
     cxl_table = None
     if cxl:
-        from .chexlocalize import run_chexlocalize
+        from .evaluation.chexlocalize import run_chexlocalize
 
         cxl_table = run_chexlocalize(
             model, ds, args.methods, out, segmentation=args.chexlocalize_segmentation,
             cutoffs=args.chexlocalize_cutoffs, mode=args.chexlocalize_iou, split=args.split,
             max_images=args.max_images, batch_size=args.batch_size, device=args.device, workers=args.workers,
             progress=not args.no_progress, method_options=method_options)
-        if not no_report and not getattr(args, "intention", None):
-            from ..report.html import write_report
-
-            write_report(out)
     if getattr(args, "intention", None):
-        from .intention import intention_analysis
+        from .evaluation.intention import intention_analysis
 
         intention_analysis(model, ds, methods=args.methods, finding=args.intention, out_dir=out,
                            batch_size=args.batch_size, device=args.device, progress=not args.no_progress,
                            split=args.split, max_images=args.max_images)
-        if not no_report:
-            from ..report.html import write_report
+    if int(os.environ.get("RANK", "0") or 0) != 0:
+        return out  # rank 0 writes the tables and the report
+    no_report = bool(getattr(args, "no_report", False))
+    if no_report:
+        write_summaries(out)
+    else:
+        from .report.html import write_report
 
-            write_report(out)
+        write_report(out)
     print(table2_text(out, "all", "box" if (out / "tables" / "table2_all_box.md").is_file() else "mask"))
     if cxl_table is not None:
         print(cxl_table.read_text(encoding="utf-8"))
@@ -193,7 +196,7 @@ def evaluate_cli(args) -> Path:
 
 def report_cli(args) -> Path:
     """``cxr-explain report RESULTS``: rewrite tables, figures and ``report.html``; print its path."""
-    from ..report.html import write_report
+    from .report.html import write_report
 
     p = write_report(args.results, gallery_per_finding=args.gallery, grids=not args.no_grids)
     print(f"report: {p.resolve()}")

@@ -19,9 +19,9 @@ import pandas as pd
 
 from ..errors import CxrExplainError
 from ..metrics.localization import bootstrap_mean_ci
-from .results import RESULTS_NAME, iou_column, read_results
+from .folder import TABLES_DIR, ResultsFolder
+from .schema import iou_column, thresholds_of
 
-TABLES_DIR = "tables"
 OTHER_METRICS = {
     "iou_otsu": "IoU at Otsu's threshold (CheXlocalize, §2)",
     "hit": "hit rate / pointing game (CheXlocalize, §2)",
@@ -32,22 +32,6 @@ OTHER_METRICS = {
 ABBREV = {"Atelectasis": "Atel", "Cardiomegaly": "Card", "Effusion": "Effu", "Infiltration": "Infi",
           "Mass": "Mass", "Nodule": "Nodu", "Pneumonia": "Pneu", "Pneumothorax": "Ptx"}
 ALL = "All"
-
-
-def load_run(results_dir: Path | str) -> dict:
-    """The settings ``evaluate`` stored in ``run.json`` ({} if absent)."""
-    p = Path(results_dir) / "run.json"
-    if not p.is_file():
-        return {}
-    try:
-        return json.loads(p.read_text())
-    except ValueError:
-        raise CxrExplainError(f"{p} is not valid JSON; rerun evaluate into a new folder") from None
-
-
-def thresholds_of(df: pd.DataFrame) -> list[float]:
-    """The IoU thresholds present as ``iou@T`` columns, in column order."""
-    return [float(c[4:]) for c in df.columns if c.startswith("iou@")]
 
 
 def protocol_text(run: dict, subset: str, gt: str, table: str = "iou") -> str:
@@ -158,14 +142,13 @@ def subsets_of(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
     return out
 
 
-def write_summaries(results_dir: Path | str, n_boot: int = 1000, seed: int = 0) -> dict[str, Path]:
+def write_summaries(results_dir: Path | str | ResultsFolder, n_boot: int = 1000, seed: int = 0) -> dict[str, Path]:
     """Write ``tables/table2_<subset>_<gt>.{md,csv,json}`` and ``tables/metrics_<subset>_<gt>.{md,csv,json}``
     from ``results.csv``; returns ``{name: path}`` of the Markdown files."""
-    d = Path(results_dir)
-    df = read_results(d / RESULTS_NAME)
-    if not len(df):
-        raise CxrExplainError(f"{d / RESULTS_NAME}: no results to summarise; run evaluate first")
-    run = load_run(d)
+    folder = ResultsFolder.of(results_dir)
+    d = folder.path
+    df = folder.require_results("summarise")
+    run = folder.run
     ts = thresholds_of(df)
     out_dir = d / TABLES_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
