@@ -221,6 +221,11 @@ def test_faithfulness_tables(dataset, tmp_path):
     layers = cascade_layers(tiny_model())
     assert len(r) == 2 * 2 * (len(layers) + 1) and (r[r["step"] == 0]["spearman_abs"] == 1).all()
     assert "Deletion / insertion AUC" in (out / "tables" / "faithfulness.md").read_text()
+    assert "Model-parameter randomisation" in (out / "tables" / "randomization.md").read_text()
+    from cxr_explain.report.html import write_report
+
+    page = write_report(out, grids=False).read_text()  # the report redraws the tables and the curves
+    assert "Deletion / insertion AUC" in page and "Model-parameter randomisation" in page
     assert (out / "figures" / "randomization.png").stat().st_size > 1000
 
 

@@ -18,7 +18,7 @@ from cxr_explain.evaluation import evaluate
 from cxr_explain.results import read_results
 from cxr_explain.models.zoo import BENCHMARK_LABELS, ModelSpec
 from cxr_explain.report.figures import iou_curves, methods_grid, select_regions
-from cxr_explain.report.html import markdown_to_html, write_report
+from cxr_explain.report.html import write_report
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -73,10 +73,39 @@ def test_figures_written_as_png_and_pdf(report, results):
     assert w > h * 0.8  # one X-ray column + 2 method columns, at most 2 rows
 
 
-def test_markdown_tables_to_html():
-    html = markdown_to_html("### T\n\nProtocol: x <y>\n\n| a | b |\n|---|---|\n| 1 | 2 |\n")
-    assert "<h3>T</h3>" in html and "&lt;y&gt;" in html
-    assert html.count("<td>") == 2 and "<th>a</th>" in html
+def test_one_writer_renders_a_table_to_markdown_html_csv_and_json(tmp_path):
+    import json
+
+    import pandas as pd
+
+    from cxr_explain.results.tables import Table
+
+    frame = pd.DataFrame([["CAM", "0.500 [0.400, 0.600]", "a|b"], ["n", "3", "<y>"]], columns=["method", "All", "x"])
+    data = pd.DataFrame({"method": ["cam"], "mean": [0.5], "ci_low": [0.4], "ci_high": [0.6]})
+    t = Table("t1", "T & co", frame, data, "Protocol: x <y>", {"subset": "all"}, notes="n = regions")
+    md = t.to_markdown()
+    assert md.splitlines()[:6] == ["### T & co", "", "Protocol: x <y>", "", "| method | All | x |", "|---|---|---|"]
+    assert "| CAM | 0.500 [0.400, 0.600] | a\\|b |" in md and md.rstrip().endswith("n = regions")
+    html = t.to_html()
+    assert "<h3>T &amp; co</h3>" in html and "<p class='protocol'>Protocol: x &lt;y&gt;</p>" in html
+    assert "<table class='t'>" in html and html.count("<td>") == 6 and "<th>All</th>" in html
+    assert "<td>&lt;y&gt;</td>" in html and "<td>a|b</td>" in html  # escaped, not parsed
+    paths = t.write(tmp_path)
+    assert paths["md"].read_text() == md
+    csv = pd.read_csv(paths["csv"])
+    assert list(csv.columns) == ["subset", "method", "mean", "ci_low", "ci_high", "protocol"]
+    assert csv["mean"].tolist() == [0.5] and csv["protocol"].tolist() == ["Protocol: x <y>"]
+    doc = json.loads(paths["json"].read_text())
+    assert doc["subset"] == "all" and doc["rows"] == [{"method": "cam", "mean": 0.5, "ci_low": 0.4, "ci_high": 0.6}]
+
+
+def test_report_tables_come_from_the_written_tables(report, results):
+    text = report.read_text()
+    from cxr_explain.results.summary import summary_tables
+
+    for t in summary_tables(results):
+        assert t.to_html() in text  # the page holds exactly the tables the writer renders
+        assert (results / "tables" / f"{t.name}.md").read_text() == t.to_markdown()
 
 
 def _chromium(args, timeout=60):

@@ -9,13 +9,12 @@ negative image). Only the images' positive findings are scored unless ``all_pair
 the full-set mIoU and for tuning cut-offs). A CheXlocalize dataset's human benchmark adds records of
 method ``human``. Records go to ``chexlocalize_records.csv`` as produced (a rerun resumes).
 
-:func:`write_chexlocalize_tables` turns them into ``tables/chexlocalize.{md,csv,json}``: mIoU and
-hit rate per pathology and method with bootstrap CIs, thresholds and cut-offs tuned on the ``val``
-split and reported on ``test`` when both are there.
+:func:`write_chexlocalize_tables` turns them into ``tables/chexlocalize.{md,csv,json}`` through
+:mod:`cxr_explain.results.chexlocalize`: mIoU and hit rate per pathology and method with bootstrap
+CIs, thresholds and cut-offs tuned on the ``val`` split and reported on ``test`` when both are there.
 """
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from pathlib import Path
@@ -32,22 +31,12 @@ from ..data.images import get_preprocessing
 from ..data.labels import find_label
 from ..data.types import Sample
 from ..errors import CxrExplainError
-from ..metrics.chexlocalize import (IOU_MODES, THRESHOLD_GRID, hit_points, protocol_markdown, protocol_summary,
-                                    score_map, threshold_column)
+from ..metrics.chexlocalize import IOU_MODES, THRESHOLD_GRID, hit_points, score_map, threshold_column
+from ..results.chexlocalize import (CUTOFF_CHOICES, HUMAN, RECORD_COLUMNS, RECORDS_NAME, SEGMENTATIONS,
+                                    check_settings, chexlocalize_tables, save_settings)
+from ..results.folder import TABLES_DIR
 from ..runtime import resolve_device
 from ..results.store import ResultsWriter, read_results
-
-RECORDS_NAME = "chexlocalize_records.csv"
-TABLE_NAME = "chexlocalize"
-HUMAN = "human"
-RECORD_COLUMNS: list[str] = (
-    ["image_id", "finding", "method", "gt", "gt_index", "split", "prob", "logit", "height", "width", "gt_area",
-     "hit", "pred_otsu", "inter_otsu"]
-    + [threshold_column(t, k) for t in THRESHOLD_GRID for k in ("pred", "inter")]
-)
-SEGMENTATIONS = ("otsu", "tuned")
-CUTOFF_CHOICES = ("none", "tune")
-
 
 def output_index(model: nn.Module, finding: str) -> Optional[int]:
     """The model output explained for ``finding`` (:func:`~cxr_explain.data.labels.find_label` on the
@@ -234,86 +223,13 @@ def _human_rows(dataset, it, findings, split_of) -> list[dict]:
 def write_chexlocalize_tables(out_dir: str | os.PathLike, segmentation: str = "otsu", cutoffs: str = "none",
                               mode: str = "true_positive", n_resamples: int = 1000, seed: int = 0,
                               findings_order: Sequence[str] = ()) -> Path:
-    """``tables/chexlocalize.{md,csv,json}`` from the records in ``out_dir``; returns the Markdown's path.
-
-    Tuning (``segmentation="tuned"`` or ``cutoffs="tune"``) uses the ``val`` records when there are
-    any, else all; the table reports ``test`` when tuned on ``val`` and test records exist, else one
-    table per split (all records when no split is known). The human benchmark never gets a cut-off."""
-    if segmentation not in SEGMENTATIONS:
-        raise CxrExplainError(f"unknown CheXlocalize segmentation {segmentation!r}; use otsu or tuned")
-    if cutoffs not in CUTOFF_CHOICES:
-        raise CxrExplainError(f"unknown CheXlocalize cut-off choice {cutoffs!r}; use none or tune")
-    if mode not in IOU_MODES:
-        raise CxrExplainError(f"unknown CheXlocalize IoU mode {mode!r}; use true_positive or full")
-    d = Path(out_dir)
-    rec = read_results(d / RECORDS_NAME, RECORD_COLUMNS)
-    if not len(rec):
-        raise CxrExplainError(f"{d / RECORDS_NAME}: no CheXlocalize records; run evaluate with the protocol first")
-    splits = [s for s in ("train", "val", "test") if (rec["split"] == s).any()]
-    tuning = segmentation == "tuned" or cutoffs == "tune"
-    tune_on = "val" if tuning and "val" in splits else None
-    if tune_on == "val" and "test" in splits:
-        report = ["test"]
-    else:
-        report = splits or [None]
-    parts, longs, chosen = [], [], []
-    for ev in report:
-        summ, ch = [], []
-        for is_human, g in rec.groupby(rec["method"] == HUMAN):
-            if ev is not None and not (g["split"] == ev).any():
-                continue
-            if tune_on is not None and not (g["split"] == tune_on).any():
-                t_on = ev  # e.g. the human benchmark exists on test only: nothing to tune, nothing cut
-            else:
-                t_on = tune_on
-            s, c = protocol_summary(g, tune_on=t_on, evaluate_on=ev,
-                                    segmentation="otsu" if is_human else segmentation,
-                                    cutoffs=None if (is_human or cutoffs == "none") else "tune",
-                                    mode=mode, n_resamples=n_resamples, seed=seed)
-            summ.append(s)
-            ch.append(c)
-        if not summ:
-            continue
-        s, c = pd.concat(summ, ignore_index=True), pd.concat(ch, ignore_index=True)
-        where = f"split {ev}" if ev else "all images"
-        tuned = "" if not tuning else f"; tuned on {'split ' + tune_on if tune_on else 'the same images (no val split)'}"
-        caption = (f"### CheXlocalize protocol — {where}\n\n"
-                   f"Segmentation: {'Otsu per map' if segmentation == 'otsu' else 'threshold tuned per pathology'}; "
-                   f"probability cut-off: {'tuned per pathology' if cutoffs == 'tune' else 'none'}{tuned}; "
-                   f"mIoU over the {'true-positive slice' if mode == 'true_positive' else 'full set'}; hit = the map's "
-                   f"arg-max inside the ground truth. Cells: mean [95% percentile-bootstrap CI, {n_resamples} resamples] "
-                   f"(n images). Rules: docs/chexlocalize.md.")
-        parts.append(protocol_markdown(s, findings_order, caption=caption))
-        if tuning:
-            parts.append(_choices_markdown(c))
-        longs.append(s.assign(subset=ev or "all"))
-        chosen.append(c.assign(subset=ev or "all"))
-    tdir = d / "tables"
-    tdir.mkdir(parents=True, exist_ok=True)
-    md = tdir / f"{TABLE_NAME}.md"
-    _atomic(md, "\n".join(parts))
-    long = pd.concat(longs, ignore_index=True)
-    settings = {"segmentation": segmentation, "cutoffs": cutoffs, "mode": mode, "tune_on": tune_on,
-                "n_resamples": n_resamples, "seed": seed, "rules": "docs/chexlocalize.md"}
-    _atomic(tdir / f"{TABLE_NAME}.csv", long.assign(**{k: str(v) for k, v in settings.items()}).to_csv(index=False))
-    _atomic(tdir / f"{TABLE_NAME}.json", json.dumps({
-        "settings": settings, "rows": json.loads(long.to_json(orient="records")),
-        "choices": json.loads(pd.concat(chosen, ignore_index=True).to_json(orient="records"))}, indent=1))
-    return md
-
-
-def _choices_markdown(c: pd.DataFrame) -> str:
-    lines = ["", "| method | pathology | threshold | cut-off |", "|---|---|---|---|"]
-    for r in c.itertuples(index=False):
-        t = "Otsu" if not np.isfinite(r.threshold) else f"{r.threshold:g}"
-        lines.append(f"| {str(r.method).upper()} | {r.finding} | {t} | {r.cutoff:g} |")
-    return "\n".join(lines) + "\n"
-
-
-def _atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    """``tables/chexlocalize.{md,csv,json}`` from the records in ``out_dir``
+    (:func:`cxr_explain.results.chexlocalize.chexlocalize_tables`; its settings are kept beside the
+    records so the report redraws the same table); returns the Markdown's path."""
+    check_settings(segmentation, cutoffs, mode)
+    group = chexlocalize_tables(out_dir, segmentation, cutoffs, mode, n_resamples, seed, findings_order)
+    save_settings(out_dir, segmentation, cutoffs, mode, n_resamples, seed, findings_order)
+    return group.write(Path(out_dir) / TABLES_DIR)["md"]
 
 
 def run_chexlocalize(model: nn.Module, dataset: Any, methods: Sequence[str], out_dir: str | os.PathLike, *,

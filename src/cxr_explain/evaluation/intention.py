@@ -18,7 +18,6 @@ Reported per method and per class (pneumonia vs normal images), mean with bootst
 from __future__ import annotations
 
 import json
-import math
 import os
 import warnings
 from pathlib import Path
@@ -36,11 +35,11 @@ from ..data.folder import read_csv_table
 from ..data.images import get_preprocessing
 from ..data.nih import read_mask
 from ..errors import CxrExplainError
-from ..metrics.localization import bootstrap_mean_ci, region_shares
+from ..metrics.localization import region_shares
 from ..runtime import resolve_device
+from ..results.analyses import INTENTION_CSV, INTENTION_SETTINGS, intention_table
 from ..results.folder import TABLES_DIR
 
-SHARES = ("inside_lesion", "lung_outside_lesion", "outside_lungs", "on_cue")
 
 
 def read_region_masks(root: str | Path, name: str) -> dict[str, Path]:
@@ -96,7 +95,7 @@ def intention_analysis(
     outside_lungs, on_cue``. ``lungs`` / ``cues`` map image ids to mask files (default: the
     dataset root's ``lungs.csv`` / ``cues.csv``). ``split`` keeps the images of that split (the
     dataset's split file), ``max_images`` the first N of them. With ``out_dir``, writes
-    ``intention.csv`` and ``tables/intention.{md,csv,json}`` there."""
+    :func:`write_intention_tables` there."""
     spec = getattr(model, "cxr_spec", None)
     if spec is None:
         raise CxrExplainError("the model has no .cxr_spec; build it with build_model / load_checkpoint")
@@ -172,42 +171,12 @@ def intention_analysis(
     return df
 
 
-def summarize_intention(df: pd.DataFrame, n_boot: int = 1000) -> pd.DataFrame:
-    """Per (method, class): n and mean [CI] of each share."""
-    rows = []
-    for (m, c), g in df.groupby(["method", "class"], sort=False):
-        r = {"method": m, "class": c, "n": len(g)}
-        for s in SHARES:
-            mean, lo, hi = bootstrap_mean_ci(g[s].to_numpy(dtype=float), n_boot=n_boot)
-            r.update({s: mean, f"{s}_low": lo, f"{s}_high": hi})
-        rows.append(r)
-    return pd.DataFrame(rows)
-
-
 def write_intention_tables(df: pd.DataFrame, out_dir: str | os.PathLike, model_name: str = "",
                            finding: str = "Pneumonia") -> Path:
-    """``intention.csv`` (per image) and ``tables/intention.{md,csv,json}`` (per method and class)."""
+    """``intention.csv`` (per image), ``intention.json`` (finding, model) and
+    ``tables/intention.{md,csv,json}`` (per method and class); returns the Markdown path."""
     out = Path(out_dir)
-    (out / TABLES_DIR).mkdir(parents=True, exist_ok=True)
-    df.to_csv(out / "intention.csv", index=False, lineterminator="\n")
-    summ = summarize_intention(df)
-    prot = (f"Protocol: docs/evaluation.md §6 (paper Section 3, inconsistency of intention). Explained output = "
-            f"the {finding} logit on every image; map resized to the original image (bilinear); shares of the positive "
-            f"relevance sum(max(h,0)) inside the lesion masks/boxes, in the lungs outside them, outside the lungs, and "
-            f"on the planted cue (images with a cue only); mean [bootstrap 95% CI]. Model: {model_name}.")
-    lines = ["### Where the positive relevance goes", "", prot, "",
-             "| method | class | n | inside lesion | lungs outside lesion | outside lungs | on cue |",
-             "|---|---|---|---|---|---|---|"]
-
-    def cell(r, s):
-        return "–" if not math.isfinite(r[s]) else f"{r[s]:.3f} [{r[s + '_low']:.3f}, {r[s + '_high']:.3f}]"
-
-    for _, r in summ.iterrows():
-        lines.append(f"| {r['method'].upper()} | {r['class']} | {r['n']} | " + " | ".join(cell(r, s) for s in SHARES) + " |")
-    md = out / TABLES_DIR / "intention.md"
-    md.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    summ.insert(0, "protocol", prot)
-    summ.to_csv(out / TABLES_DIR / "intention.csv", index=False, lineterminator="\n")
-    (out / TABLES_DIR / "intention.json").write_text(
-        json.dumps({"protocol": prot, "rows": json.loads(summ.drop(columns="protocol").to_json(orient="records"))}, indent=1))
-    return md
+    out.mkdir(parents=True, exist_ok=True)
+    df.to_csv(out / INTENTION_CSV, index=False, lineterminator="\n")
+    (out / INTENTION_SETTINGS).write_text(json.dumps({"finding": finding, "model": model_name}, indent=1))
+    return intention_table(df, finding, model_name).write(out / TABLES_DIR)["md"]

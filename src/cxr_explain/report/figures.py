@@ -1,5 +1,5 @@
 """The paper's figures from an evaluation folder: method grids (Fig. 3), image | LRP | RAP tuples
-(Figs. 5/6) and IoU-vs-threshold curves; each written as PNG and PDF.
+(Figs. 5/6), IoU-vs-threshold curves and the randomisation curves; each written as PNG and PDF.
 
 Heatmaps are read from the float16 maps ``evaluate`` saved (model input resolution), brought back
 to the original image with the model's preprocessing (``Preprocessing.to_original``) and shown
@@ -20,6 +20,7 @@ from ..attribution.methods import method_class
 from ..data.images import get_preprocessing, read_image
 from ..data.types import Box
 from ..errors import CxrExplainError
+from ..results.analyses import RANDOMIZATION_CSV, randomization_summary
 from ..results.folder import ResultsFolder
 from ..results.schema import iou_column, thresholds_of
 from ..results.summary import ABBREV, ALL, subsets_of, summarize
@@ -239,11 +240,45 @@ def iou_curves(results_dir: str | Path | ResultsFolder, out_path: str | Path, gt
     return out
 
 
+def randomization_curves(results_dir: str | Path | ResultsFolder, out_path: str | Path) -> list[Path]:
+    """Spearman and SSIM of |map| against the cascading randomisation step, one line per method
+    (docs/evaluation.md §4), from ``randomization.csv``; PNG + PDF."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    folder = ResultsFolder.of(results_dir)
+    per_image = pd.read_csv(folder.path / RANDOMIZATION_CSV, dtype={"image_id": str})
+    if not len(per_image) or "method" not in per_image.columns:
+        return []
+    agg = randomization_summary(per_image)
+    fig = Figure(figsize=(9, 3.4), dpi=110)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2)
+    for ax, col, name in zip(axes, ["spearman_abs", "ssim_abs"], ["Spearman rank correlation (|map|)", "SSIM (|map|)"]):
+        for m, g in agg.groupby("method", sort=False):
+            ax.plot(g["step"], g[col], marker="o", ms=3, label=m.upper())
+        layers = list(agg[agg["method"] == agg["method"].iloc[0]]["layer"])
+        ax.set_xticks(range(len(layers)))
+        ax.set_xticklabels([name_.split(".")[-1] for name_ in layers], rotation=60, fontsize=6)
+        ax.set_ylabel(name, fontsize=8)
+        ax.set_ylim(-0.2, 1.05)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("Cascading randomisation, output layer first (docs/evaluation.md §4)", fontsize=9)
+    fig.tight_layout()
+    base = Path(out_path)
+    base.parent.mkdir(parents=True, exist_ok=True)
+    out = [base.with_suffix(".png"), base.with_suffix(".pdf")]
+    for p in out:
+        fig.savefig(p)
+    return out
+
+
 def make_figures(results_dir: str | Path | ResultsFolder, methods: Sequence[str] = ("cam", "lrp", "rap"), n: int = 4,
                  seed: int = 0, grids: bool = True) -> dict[str, list[Path]]:
-    """All standard figures into ``figures/``: IoU curves per subset and ground truth, and (when
-    maps were saved and ``grids``) Fig. 3 grids of the best, worst and random regions and the
-    LRP | RAP tuples."""
+    """All standard figures into ``figures/``: IoU curves per subset and ground truth, the
+    randomisation curves (when ``randomization.csv`` is there) and (when maps were saved and
+    ``grids``) Fig. 3 grids of the best, worst and random regions and the LRP | RAP tuples."""
     folder = ResultsFolder.of(results_dir)
     df = folder.require_results("draw")
     fd = folder.figures_dir
@@ -251,6 +286,11 @@ def make_figures(results_dir: str | Path | ResultsFolder, methods: Sequence[str]
     for subset, sdf in subsets_of(df).items():
         for gt in dict.fromkeys(sdf["gt"]):
             out[f"iou_curves_{subset}_{gt}"] = iou_curves(folder, fd / f"iou_curves_{subset}_{gt}", gt, subset, df=df)
+    rp = folder.path / RANDOMIZATION_CSV
+    if rp.is_file() and rp.stat().st_size > 1:
+        paths = randomization_curves(folder, fd / "randomization")
+        if paths:
+            out["randomization"] = paths
     if not grids:
         return out
     have = [m for m in methods if m in set(df["method"])] or list(dict.fromkeys(df["method"]))[:3]

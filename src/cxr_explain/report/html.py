@@ -1,30 +1,35 @@
 """One self-contained HTML report of an evaluation folder.
 
-``write_report(results_dir)`` (re)writes the summary tables and figures and puts them, with a
-gallery per finding (one row per lesion: the X-ray with its box, then each method's heatmap with
-its scores), into ``report.html``. Every image is embedded as a base64 PNG; the page makes no
-external request and runs no script.
+``write_report(results_dir)`` reads the folder once (:class:`~cxr_explain.results.ResultsFolder`),
+(re)writes the summary tables (:func:`~cxr_explain.results.summary.summary_tables`, one writer for
+CSV, Markdown and HTML) and the figures, and fills the jinja2 template ``templates/report.html.j2``
+with those tables, the figures and a gallery per finding (one row per lesion: the X-ray with its
+box, then each method's heatmap with its scores). Every image is embedded as a base64 PNG; the page
+makes no external request and runs no script.
 """
 from __future__ import annotations
 
 import base64
-import html
 import io
 import os
-import re
+from importlib import resources
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional
 
+import jinja2
 import numpy as np
 import pandas as pd
 from PIL import Image
 
-from ..results.folder import TABLES_DIR, ResultsFolder
+from ..results.folder import ResultsFolder
 from ..results.schema import iou_column, thresholds_of
-from ..results.summary import ABBREV, write_summaries
+from ..results.summary import ABBREV, summary_tables
 from .figures import MapStore, make_figures, region_table, tile
 
+__all__ = ["REPORT_NAME", "write_report", "render_report", "png_data_uri"]
+
 REPORT_NAME = "report.html"
+TEMPLATE = "report.html.j2"
 
 _CSS = """
 body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:1.5em auto;max-width:1400px;color:#222}
@@ -41,6 +46,12 @@ table.g th{font-size:.8em} table.g img{display:block}
 """
 
 
+def _template() -> jinja2.Template:
+    text = (resources.files(__package__) / "templates" / TEMPLATE).read_text(encoding="utf-8")
+    env = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
+    return env.from_string(text)
+
+
 def png_data_uri(rgb: np.ndarray) -> str:
     """``data:image/png;base64,...`` of a uint8 (H, W[, 3]) image."""
     buf = io.BytesIO()
@@ -52,64 +63,21 @@ def _file_uri(p: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(p.read_bytes()).decode("ascii")
 
 
-def markdown_to_html(md: str) -> str:
-    """The Markdown our tables are written in (paragraphs, ``###`` / ``**`` headings, pipe tables)
-    as HTML; text is escaped."""
-    out, table = [], []
-
-    def flush():
-        if not table:
-            return
-        rows = [[c.strip() for c in ln.strip().strip("|").split("|")] for ln in table
-                if not re.fullmatch(r"\|?(\s*-+\s*\|)+\s*-*\s*", ln.strip())]
-        h = "<table class='t'><thead><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in rows[0]) + "</tr></thead><tbody>"
-        for r in rows[1:]:
-            h += "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>"
-        out.append(h + "</tbody></table>")
-        table.clear()
-
-    for ln in md.splitlines():
-        if ln.strip().startswith("|"):
-            table.append(ln)
-            continue
-        flush()
-        s = ln.strip()
-        if not s:
-            continue
-        if s.startswith("###"):
-            out.append(f"<h3>{html.escape(s.lstrip('#').strip())}</h3>")
-        elif s.startswith("**") and s.endswith("**"):
-            out.append(f"<h4>{html.escape(s.strip('*'))}</h4>")
-        elif s.startswith("Protocol"):
-            out.append(f"<p class='protocol'>{html.escape(s)}</p>")
-        else:
-            out.append(f"<p>{html.escape(s)}</p>")
-    flush()
-    return "\n".join(out)
-
-
-def _section_tables(d: Path, names: Sequence[str]) -> str:
-    parts = []
-    for n in names:
-        p = d / TABLES_DIR / f"{n}.md"
-        if p.is_file():
-            parts.append(markdown_to_html(p.read_text(encoding="utf-8")))
-    return "\n".join(parts)
-
-
-def _fmt(v) -> str:
+def _fmt(v: Any) -> str:
     try:
         v = float(v)
     except (TypeError, ValueError):
-        return html.escape(str(v))
+        return str(v)
     return "–" if not np.isfinite(v) else f"{v:.2f}"
 
 
-def _gallery(folder: ResultsFolder, df: pd.DataFrame, per_finding: int, thumb: int) -> str:
-    """Per finding a collapsible table: one row per region (best and worst by mean IoU at the
-    middle threshold, up to ``per_finding``), columns X-ray + one heatmap per method with scores."""
+def gallery(folder: ResultsFolder, df: pd.DataFrame, per_finding: int, thumb: int) -> dict:
+    """The gallery as data for the template: per finding (``findings``: name, region count, rows)
+    one row per region (best and worst by mean IoU at the middle threshold, up to ``per_finding``),
+    cells X-ray + one heatmap per method (``src``: PNG data URI, ``lines``: scores); ``empty``
+    says why there is none."""
     if not len(df) or (df["map_file"].astype(str) == "").any():
-        return "<p>No heatmaps were saved (evaluate with save_maps=True), so there is no gallery.</p>"
+        return {"empty": "No heatmaps were saved (evaluate with save_maps=True), so there is no gallery."}
     store = MapStore(folder)
     ts = thresholds_of(df)
     mid = iou_column(ts[len(ts) // 2])
@@ -117,11 +85,12 @@ def _gallery(folder: ResultsFolder, df: pd.DataFrame, per_finding: int, thumb: i
     gt = "box" if (df["gt"] == "box").any() else str(df["gt"].iloc[0])
     sub = df[df["gt"] == gt]
     idx = sub.set_index(["image_id", "finding", "gt", "gt_index", "method"]).sort_index()
-    parts = [f"<p class='meta'>Ground truth: {gt}. Per finding, the regions with the highest and lowest mean "
-             f"{mid} over the methods (up to {per_finding}); under each map: IoU at "
-             f"T = {', '.join(f'{t:g}' for t in ts)} | Otsu IoU | hit | mass.</p>"]
+    note = (f"Ground truth: {gt}. Per finding, the regions with the highest and lowest mean {mid} over the methods "
+            f"(up to {per_finding}); under each map: IoU at T = {', '.join(f'{t:g}' for t in ts)} | Otsu IoU | "
+            "hit | mass.")
     order = [f for f in ABBREV if f in set(sub["finding"])] + [f for f in dict.fromkeys(sub["finding"]) if f not in ABBREV]
-    for k, f in enumerate(order):
+    findings = []
+    for f in order:
         reg = region_table(sub[sub["finding"] == f], methods, mid).sort_values(["_rank", "image_id"], ascending=[False, True])
         if len(reg) > per_finding:
             top = per_finding - per_finding // 2
@@ -131,25 +100,52 @@ def _gallery(folder: ResultsFolder, df: pd.DataFrame, per_finding: int, thumb: i
             base = idx.loc[(key["image_id"], f, key["gt"], key["gt_index"])]
             first = base.iloc[0].copy()
             first["image_id"], first["finding"], first["gt"], first["gt_index"] = key["image_id"], f, key["gt"], key["gt_index"]
-            cells = [f"<td><img alt='X-ray {html.escape(key['image_id'])}' src='{png_data_uri(tile(store, first, None, thumb))}'>"
-                     f"{html.escape(str(key['image_id']))}<br>p={_fmt(first['prob'])} logit={_fmt(first['logit'])}</td>"]
+            cells = [{"src": png_data_uri(tile(store, first, None, thumb)), "alt": f"X-ray {key['image_id']}",
+                      "lines": [str(key["image_id"]), f"p={_fmt(first['prob'])} logit={_fmt(first['logit'])}"]}]
             for m in methods:
                 r = base.loc[m].copy() if m in base.index else None
                 if r is None:
-                    cells.append("<td>–</td>")
+                    cells.append({"src": None, "alt": "", "lines": ["–"]})
                     continue
                 if isinstance(r, pd.DataFrame):
                     r = r.iloc[0].copy()
                 r["image_id"], r["finding"], r["gt"], r["gt_index"], r["method"] = key["image_id"], f, key["gt"], key["gt_index"], m
-                sc = " ".join(_fmt(r[iou_column(t)]) for t in ts)
-                cells.append(f"<td><img alt='{m} {html.escape(key['image_id'])}' src='{png_data_uri(tile(store, r, m, thumb))}'>"
-                             f"{sc}<br>{_fmt(r['iou_otsu'])} | {_fmt(r['hit'])} | {_fmt(r['mass'])}</td>")
-            rows.append("<tr>" + "".join(cells) + "</tr>")
+                cells.append({"src": png_data_uri(tile(store, r, m, thumb)), "alt": f"{m} {key['image_id']}",
+                              "lines": [" ".join(_fmt(r[iou_column(t)]) for t in ts),
+                                        f"{_fmt(r['iou_otsu'])} | {_fmt(r['hit'])} | {_fmt(r['mass'])}"]})
+            rows.append(cells)
         n = len(sub[(sub["finding"] == f) & (sub["method"] == methods[0])])
-        head = "<tr><th>X-ray</th>" + "".join(f"<th>{html.escape(m.upper())}</th>" for m in methods) + "</tr>"
-        parts.append(f"<details{' open' if k == 0 else ''}><summary>{html.escape(f)} ({n} regions)</summary>"
-                     f"<table class='g'>{head}{''.join(rows)}</table></details>")
-    return "\n".join(parts)
+        findings.append({"name": f, "n": n, "rows": rows})
+    return {"empty": "", "note": note, "methods": methods, "findings": findings}
+
+
+def render_report(folder: ResultsFolder, tables: list, figures: dict[str, list[Path]], gallery_data: dict,
+                  title: Optional[str] = None) -> str:
+    """The report page: the template filled with ``tables`` (:class:`~cxr_explain.results.tables.Table`),
+    ``figures`` (``{name: [png, pdf]}``) and :func:`gallery` data."""
+    df, run = folder.results, folder.run
+    model = run.get("model", {})
+    ds = run.get("dataset", {})
+
+    def figs(prefix: str) -> list[dict]:
+        return [{"name": k, "src": _file_uri(v[0])} for k, v in figures.items() if k.startswith(prefix)]
+
+    def named(prefix: str) -> list:
+        return [t for t in tables if t.name.startswith(prefix)]
+
+    extra_pngs = sorted(folder.figures_dir.glob("deletion*.png"))
+    return _template().render(
+        title=title or "cxr-explain report", heading=title or "cxr-explain evaluation report", css=_CSS,
+        model={"arch": model.get("arch", "?"), "provenance": model.get("provenance", {}),
+               "labels": ", ".join(model.get("labels", [])), "preprocessing": model.get("preprocessing", "?"),
+               "input_size": model.get("input_size", "?")},
+        data={"type": ds.get("type", "?"), "root": ds.get("root", ""), "n_images": df["image_id"].nunique(),
+              "n_rows": len(df), "methods": ", ".join(dict.fromkeys(df["method"]))},
+        table2=named("table2_"), metrics=named("metrics_"), curves=figs("iou_curves"),
+        chexlocalize=named("chexlocalize"),
+        checks=named("faithfulness") + named("randomization"),
+        check_figures=figs("randomization") + [{"name": p.stem, "src": _file_uri(p)} for p in extra_pngs],
+        intention=named("intention"), grids=figs("fig"), gallery=gallery_data)
 
 
 def write_report(results_dir: str | os.PathLike, gallery_per_finding: int = 6, thumb: int = 176,
@@ -157,56 +153,13 @@ def write_report(results_dir: str | os.PathLike, gallery_per_finding: int = 6, t
     """Write ``report.html`` into ``results_dir`` (tables, IoU curves, Fig. 3 grids when ``grids``,
     faithfulness and intention results when present, gallery) and return its path."""
     folder = ResultsFolder(results_dir)
-    d = folder.path
     df = folder.require_results("report")  # read once, shared by tables, figures and gallery
-    run = folder.run
-    write_summaries(folder)
-    figs = make_figures(folder, grids=grids)
-    model = run.get("model", {})
-    ds = run.get("dataset", {})
-    n_img = df["image_id"].nunique()
-    parts = [f"<h1>{html.escape(title or 'cxr-explain evaluation report')}</h1>",
-             f"<p class='meta'>Model: {html.escape(str(model.get('arch', '?')))} "
-             f"({html.escape(str(model.get('provenance', {})))}), labels {html.escape(', '.join(model.get('labels', [])))}; "
-             f"input {html.escape(str(model.get('preprocessing', '?')))} {model.get('input_size', '?')} px.<br>"
-             f"Data: {html.escape(str(ds.get('type', '?')))} {html.escape(str(ds.get('root', '')))}; "
-             f"{n_img} images, {len(df)} result rows, methods {html.escape(', '.join(dict.fromkeys(df['method'])))}.</p>"]
-    names = sorted(p.stem for p in (d / TABLES_DIR).glob("table2_*.md"))
-    parts.append("<h2>Table 2: mean IoU per finding and method</h2>")
-    parts.append(_section_tables(d, names))
-    parts.append("<h2>IoU against the threshold</h2>")
-    for k, paths in figs.items():
-        if k.startswith("iou_curves"):
-            parts.append(f"<p><img class='fig' alt='{k}' src='{_file_uri(paths[0])}'></p>")
-    parts.append("<h2>Other localisation metrics</h2>")
-    parts.append(_section_tables(d, sorted(p.stem for p in (d / TABLES_DIR).glob("metrics_*.md"))))
-    cxl = sorted(p.stem for p in (d / TABLES_DIR).glob("chexlocalize*.md"))
-    if cxl:
-        parts.append("<h2>CheXlocalize protocol: mIoU and hit rate per pathology</h2>")
-        parts.append(_section_tables(d, cxl))
-    extra = sorted(p.stem for p in (d / TABLES_DIR).glob("faithfulness*.md")) + \
-        sorted(p.stem for p in (d / TABLES_DIR).glob("randomization*.md"))
-    if extra:
-        parts.append("<h2>Faithfulness and sanity (docs/evaluation.md §4)</h2>")
-        parts.append(_section_tables(d, extra))
-        for png in sorted((folder.figures_dir).glob("randomization*.png")) + sorted((folder.figures_dir).glob("deletion*.png")):
-            parts.append(f"<p><img class='fig' alt='{png.stem}' src='{_file_uri(png)}'></p>")
-    intent = sorted(p.stem for p in (d / TABLES_DIR).glob("intention*.md"))
-    if intent:
-        parts.append("<h2>Where does the relevance go? (docs/evaluation.md §6)</h2>")
-        parts.append(_section_tables(d, intent))
-    grid_figs = [(k, v) for k, v in figs.items() if k.startswith("fig")]
-    if grid_figs:
-        parts.append("<h2>Figures (paper Figs. 3, 5, 6)</h2>")
-        for k, paths in grid_figs:
-            parts.append(f"<h3>{html.escape(k)}</h3><p><img class='fig' alt='{k}' src='{_file_uri(paths[0])}'></p>")
-    parts.append("<h2>Gallery per finding and method</h2>")
-    parts.append(_gallery(folder, df, gallery_per_finding, thumb))
-    doc = ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
-           "<meta http-equiv='Content-Security-Policy' content=\"default-src 'none'; img-src data:; style-src 'unsafe-inline'\">"
-           f"<title>{html.escape(title or 'cxr-explain report')}</title><style>{_CSS}</style></head><body>"
-           + "\n".join(parts) + "</body></html>\n")
-    out = d / REPORT_NAME
+    tables = summary_tables(folder)
+    for t in tables:
+        t.write(folder.tables_dir)
+    figures = make_figures(folder, grids=grids)
+    doc = render_report(folder, tables, figures, gallery(folder, df, gallery_per_finding, thumb), title)
+    out = folder.path / REPORT_NAME
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(doc, encoding="utf-8")
     os.replace(tmp, out)

@@ -1,16 +1,15 @@
-"""Summary tables from ``results.csv``: Table 2 in the paper's layout and the other metrics.
+"""Summary tables from ``results.csv``: Table 2 in the paper's layout and the other metrics, as
+:class:`~.tables.Table` s (display frame + numbers), written by the one table writer.
 
 Every table states the protocol that produced it (:func:`protocol_text`). Cells are the mean over
 ground-truth regions with a percentile-bootstrap 95% CI (1000 resamples, seed 0;
 :func:`~cxr_explain.metrics.localization.bootstrap_mean_ci`) and the count. Subsets: ``all``
 (every evaluated image) and, when the ``split`` column names a test split, ``test``.
 Ground truth: ``box`` (the paper's) and ``mask`` (exact masks, synthetic data) are never mixed.
+:func:`summary_tables` also gathers the faithfulness and intention tables of :mod:`.analyses`.
 """
 from __future__ import annotations
 
-import json
-import math
-import os
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -19,8 +18,13 @@ import pandas as pd
 
 from ..errors import CxrExplainError
 from ..metrics.localization import bootstrap_mean_ci
+from .analyses import analysis_tables
 from .folder import TABLES_DIR, ResultsFolder
 from .schema import iou_column, thresholds_of
+from .tables import Table, TableGroup, ci_cell
+
+__all__ = ["OTHER_METRICS", "ABBREV", "ALL", "protocol_text", "summarize", "table2", "metrics_table",
+           "subsets_of", "localization_tables", "summary_tables", "write_summaries", "table2_text"]
 
 OTHER_METRICS = {
     "iou_otsu": "IoU at Otsu's threshold (CheXlocalize, §2)",
@@ -29,6 +33,8 @@ OTHER_METRICS = {
     "rank_acc": "relevance rank accuracy (§3)",
     "auprc": "AUPRC of the map as a pixel detector (§3)",
 }
+#: Short names of :data:`OTHER_METRICS` in a table's metric column.
+METRIC_NAMES = {"iou_otsu": "Otsu IoU", "hit": "hit", "mass": "mass", "rank_acc": "rank acc.", "auprc": "AUPRC"}
 ABBREV = {"Atelectasis": "Atel", "Cardiomegaly": "Card", "Effusion": "Effu", "Infiltration": "Infi",
           "Mass": "Mass", "Nodule": "Nodu", "Pneumonia": "Pneu", "Pneumothorax": "Ptx"}
 ALL = "All"
@@ -75,13 +81,8 @@ def summarize(df: pd.DataFrame, metrics: Sequence[str], n_boot: int = 1000, seed
     return pd.DataFrame(rows)
 
 
-def _cell(r: Optional[pd.Series], ci: bool = True) -> str:
-    if r is None or not math.isfinite(r["mean"]):
-        return "–"
-    s = f"{r['mean']:.3f}"
-    if ci and math.isfinite(r["ci_low"]):
-        s += f" [{r['ci_low']:.3f}, {r['ci_high']:.3f}]"
-    return s
+def _cell(r: Optional[pd.Series]) -> str:
+    return "–" if r is None else ci_cell(r["mean"], r["ci_low"], r["ci_high"])
 
 
 def _order(values, preferred: Sequence[str]) -> list:
@@ -89,49 +90,46 @@ def _order(values, preferred: Sequence[str]) -> list:
     return [v for v in preferred if v in vals] + [v for v in vals if v not in preferred]
 
 
-def table2_markdown(long: pd.DataFrame, thresholds: Sequence[float], protocol: str,
-                    methods_order: Sequence[str] = ("cam", "lrp", "rap")) -> str:
+def _findings(long: pd.DataFrame) -> list[str]:
+    return [f for f in _order(long["finding"], list(ABBREV)) if f != ALL] + [ALL]
+
+
+def table2(long: pd.DataFrame, thresholds: Sequence[float], protocol: str, subset: str, gt: str,
+           methods_order: Sequence[str] = ("cam", "lrp", "rap")) -> Table:
     """Table 2's layout: rows (T, method), columns findings (+ All), cells mean [CI]; a last row
-    gives the number of regions per finding."""
-    findings = [f for f in _order(long["finding"], list(ABBREV)) if f != ALL] + [ALL]
+    gives the number of regions per finding. ``long``: :func:`summarize` rows of the IoU metrics."""
+    findings = _findings(long)
     methods = _order(long["method"], methods_order)
     idx = {(r.metric, r.method, r.finding): r for _, r in long.iterrows()}
-    head = "| T | method | " + " | ".join(ABBREV.get(f, f) for f in findings) + " |"
-    lines = [protocol, "", head, "|" + "---|" * (len(findings) + 2)]
-    for t in thresholds:
-        for m in methods:
-            cells = [_cell(idx.get((iou_column(t), m, f))) for f in findings]
-            lines.append(f"| {t:g} | {m.upper()} | " + " | ".join(cells) + " |")
+    rows = [[f"{t:g}", m.upper()] + [_cell(idx.get((iou_column(t), m, f))) for f in findings]
+            for t in thresholds for m in methods]
     first = methods[0] if methods else None
-    counts = [str(int(idx[(iou_column(thresholds[0]), first, f)].n)) if (iou_column(thresholds[0]), first, f) in idx
-              else "0" for f in findings]
-    lines.append("| n | regions | " + " | ".join(counts) + " |")
-    return "\n".join(lines) + "\n"
+    key0 = iou_column(thresholds[0])
+    rows.append(["n", "regions"] + [str(int(idx[(key0, first, f)].n)) if (key0, first, f) in idx else "0"
+                                    for f in findings])
+    frame = pd.DataFrame(rows, columns=["T", "method"] + [ABBREV.get(f, f) for f in findings])
+    return Table(f"table2_{subset}_{gt}", f"Table 2 — mean IoU per finding and method ({subset}, ground truth: {gt})",
+                 frame, long, protocol, {"subset": subset, "gt": gt})
 
 
-def metrics_markdown(long: pd.DataFrame, metric: str, protocol: str,
-                     methods_order: Sequence[str] = ("cam", "lrp", "rap")) -> str:
-    """One metric: rows method, columns findings (+ All), cells mean [CI]; last row the counts."""
-    sub = long[long["metric"] == metric]
-    findings = [f for f in _order(sub["finding"], list(ABBREV)) if f != ALL] + [ALL]
-    methods = _order(sub["method"], methods_order)
-    idx = {(r.method, r.finding): r for _, r in sub.iterrows()}
-    lines = [f"**{OTHER_METRICS.get(metric, metric)}**", "",
-             "| method | " + " | ".join(ABBREV.get(f, f) for f in findings) + " |",
-             "|" + "---|" * (len(findings) + 1)]
-    for m in methods:
-        lines.append(f"| {m.upper()} | " + " | ".join(_cell(idx.get((m, f))) for f in findings) + " |")
-    if methods:
-        lines.append("| n | " + " | ".join(str(int(idx[(methods[0], f)].n)) if (methods[0], f) in idx else "0"
-                                            for f in findings) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def _write(path: Path, text: str) -> Path:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+def metrics_table(long: pd.DataFrame, protocol: str, subset: str, gt: str,
+                  methods_order: Sequence[str] = ("cam", "lrp", "rap")) -> Table:
+    """The §2/§3 scores: rows (metric, method) and a count row per metric, columns findings (+ All),
+    cells mean [CI]. ``long``: :func:`summarize` rows of :data:`OTHER_METRICS`."""
+    findings = _findings(long)
+    methods = _order(long["method"], methods_order)
+    idx = {(r.metric, r.method, r.finding): r for _, r in long.iterrows()}
+    rows, shown = [], []
+    for metric in (m for m in OTHER_METRICS if (long["metric"] == m).any()):
+        name = METRIC_NAMES.get(metric, metric)
+        shown.append(f"{name} = {OTHER_METRICS[metric]}")
+        rows += [[name, m.upper()] + [_cell(idx.get((metric, m, f))) for f in findings] for m in methods]
+        if methods:
+            rows.append([name, "n"] + [str(int(idx[(metric, methods[0], f)].n)) if (metric, methods[0], f) in idx
+                                       else "0" for f in findings])
+    frame = pd.DataFrame(rows, columns=["metric", "method"] + [ABBREV.get(f, f) for f in findings])
+    return Table(f"metrics_{subset}_{gt}", f"Other localisation metrics ({subset}, ground truth: {gt})",
+                 frame, long, protocol, {"subset": subset, "gt": gt}, notes="; ".join(shown) + ".")
 
 
 def subsets_of(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
@@ -142,47 +140,37 @@ def subsets_of(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
     return out
 
 
-def write_summaries(results_dir: Path | str | ResultsFolder, n_boot: int = 1000, seed: int = 0) -> dict[str, Path]:
-    """Write ``tables/table2_<subset>_<gt>.{md,csv,json}`` and ``tables/metrics_<subset>_<gt>.{md,csv,json}``
-    from ``results.csv``; returns ``{name: path}`` of the Markdown files."""
-    folder = ResultsFolder.of(results_dir)
-    d = folder.path
+def localization_tables(folder: ResultsFolder, n_boot: int = 1000, seed: int = 0) -> list[Table]:
+    """Table 2 and the other-metrics table per subset and ground truth, from ``results.csv``."""
     df = folder.require_results("summarise")
     run = folder.run
     ts = thresholds_of(df)
-    out_dir = d / TABLES_DIR
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written: dict[str, Path] = {}
     metrics = [iou_column(t) for t in ts] + [m for m in OTHER_METRICS if m in df.columns]
+    tables = []
     for subset, sdf in subsets_of(df).items():
         long = summarize(sdf, metrics, n_boot=n_boot, seed=seed)
         for gt in _order(long["gt"], ["box", "mask"]):
             lg = long[long["gt"] == gt]
-            prot = protocol_text(run, subset, gt)
-            name = f"{subset}_{gt}"
-            t2 = lg[lg["metric"].str.startswith("iou@")]
-            md = f"### Table 2 — mean IoU per finding and method ({subset}, ground truth: {gt})\n\n"
-            written[f"table2_{name}"] = _write(out_dir / f"table2_{name}.md", md + table2_markdown(t2, ts, prot))
-            _save_long(out_dir / f"table2_{name}", t2, subset, gt, prot)
-            om = lg[~lg["metric"].str.startswith("iou@")]
-            md = (f"### Other localisation metrics ({subset}, ground truth: {gt})\n\n"
-                  f"{protocol_text(run, subset, gt, 'metrics')}\n\n")
-            md += "\n".join(metrics_markdown(om, m, "") for m in OTHER_METRICS if (om["metric"] == m).any())
-            written[f"metrics_{name}"] = _write(out_dir / f"metrics_{name}.md", md)
-            _save_long(out_dir / f"metrics_{name}", om, subset, gt, protocol_text(run, subset, gt, "metrics"))
-    return written
+            iou = lg["metric"].str.startswith("iou@")
+            tables.append(table2(lg[iou], ts, protocol_text(run, subset, gt), subset, gt))
+            tables.append(metrics_table(lg[~iou], protocol_text(run, subset, gt, "metrics"), subset, gt))
+    return tables
 
 
-def _save_long(base: Path, long: pd.DataFrame, subset: str, gt: str, protocol: str) -> None:
-    t = long.copy()
-    t.insert(0, "subset", subset)
-    t["protocol"] = protocol
-    tmp = base.with_suffix(".csv.tmp")
-    t.to_csv(tmp, index=False, lineterminator="\n")
-    os.replace(tmp, base.with_suffix(".csv"))
-    recs = json.loads(long.to_json(orient="records"))
-    _write(base.with_suffix(".json"), json.dumps({"protocol": protocol, "subset": subset, "gt": gt,
-                                                  "rows": recs}, indent=1))
+def summary_tables(results_dir: Path | str | ResultsFolder, n_boot: int = 1000,
+                   seed: int = 0) -> list[Table | TableGroup]:
+    """Every summary table of a results folder: :func:`localization_tables`, then the faithfulness,
+    randomisation and intention tables when their files are there (:func:`.analyses.analysis_tables`)."""
+    folder = ResultsFolder.of(results_dir)
+    return localization_tables(folder, n_boot, seed) + analysis_tables(folder)
+
+
+def write_summaries(results_dir: Path | str | ResultsFolder, n_boot: int = 1000, seed: int = 0) -> dict[str, Path]:
+    """Write every :func:`summary_tables` table as ``tables/<name>.{md,csv,json}`` (``table2_<subset>_<gt>``,
+    ``metrics_<subset>_<gt>``, ``chexlocalize``, ``faithfulness``, ``randomization``, ``intention``); returns
+    ``{name: path of the Markdown}``."""
+    folder = ResultsFolder.of(results_dir)
+    return {t.name: t.write(folder.tables_dir)["md"] for t in summary_tables(folder, n_boot, seed)}
 
 
 def table2_text(results_dir: Path | str, subset: str = "all", gt: str = "box") -> str:
