@@ -13,11 +13,8 @@ from cxr_explain.report.overlay import (
     draw_contour,
     figure_grid,
     heatmap_to_rgb,
-    load_map,
     overlay,
-    save_map,
     save_png,
-    side_by_side,
     to_gray_uint8,
 )
 
@@ -117,31 +114,12 @@ def test_to_gray_uint8_variants():
         to_gray_uint8(np.zeros((2, 2, 2, 2)))
 
 
-def test_save_png_and_maps_round_trip(tmp_path):
+def test_save_png_round_trip(tmp_path):
     rgb = overlay(np.random.default_rng(0).random((16, 16)), np.random.default_rng(1).normal(size=(4, 4)))
     p = save_png(rgb, tmp_path / "sub" / "a.png")
     np.testing.assert_array_equal(np.asarray(Image.open(p)), rgb)
     with pytest.raises(CxrExplainError, match="uint8"):
         save_png(rgb.astype(np.float32), tmp_path / "b.png")
-    h = np.random.default_rng(2).normal(size=(8, 8))
-    p16 = save_map(tmp_path / "m", h)
-    assert p16.suffix == ".npy" and np.load(p16).dtype == np.float16
-    np.testing.assert_allclose(load_map(p16), h, atol=1e-3 * np.abs(h).max())
-    tiny = h * 1e-7  # float16 would flush these to (sub)normals: kept as float32
-    assert np.load(save_map(tmp_path / "t.npy", tiny)).dtype == np.float32
-    huge = h * 1e6  # would overflow float16
-    assert np.load(save_map(tmp_path / "u.npy", huge)).dtype == np.float32
-    np.testing.assert_allclose(load_map(tmp_path / "u.npy"), huge, rtol=1e-6)
-
-
-def test_side_by_side_layout():
-    a = np.zeros((32, 20, 3), np.uint8)
-    b = np.full((64, 64, 3), 200, np.uint8)  # scaled to height 32 -> width 32
-    out = side_by_side([("X-ray", a), ("RAP", b)], gap=4, title_height=14)
-    assert out.shape == (46, 20 + 4 + 32, 3) and out.dtype == np.uint8
-    assert (out[14:, :20] == 0).all() and (out[14:, 24:] == 200).all()
-    assert (out[:14] < 255).any()  # the titles are drawn
-    assert side_by_side([("", a)]).shape == (32, 20, 3)
 
 
 def test_figure_grid_writes_png_and_pdf(tmp_path):

@@ -15,7 +15,7 @@ import matplotlib
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from PIL import Image
 from scipy import ndimage
 
 from cxr_explain.data.types import Box
@@ -206,44 +206,7 @@ def save_png(rgb: ArrayLike, path: Union[str, Path], compress_level: int = 6) ->
     return p
 
 
-def save_map(path: Union[str, Path], h: ArrayLike, dtype: str = "float16", rtol: float = 1e-3) -> Path:
-    """Save a heatmap as ``.npy``. ``float16`` (default) is used only where it is faithful:
-    ``max|h16 - h| <= rtol * max|h|`` and no overflow; otherwise the map is saved as float32.
-    Returns the written path (``.npy`` appended if missing)."""
-    if dtype not in ("float16", "float32"):
-        raise CxrExplainError(f"save_map dtype must be float16 or float32, got {dtype!r}")
-    a = _np(h).astype(np.float32)
-    if dtype == "float16":
-        with np.errstate(over="ignore"):
-            a16 = a.astype(np.float16)
-        scale = float(np.abs(a).max()) if a.size else 0.0
-        err = float(np.abs(a16.astype(np.float32) - a).max()) if a.size else 0.0
-        if np.isfinite(a16).all() and err <= rtol * scale:
-            a = a16
-    p = Path(path)
-    if p.suffix != ".npy":
-        p = p.with_name(p.name + ".npy")
-    p.parent.mkdir(parents=True, exist_ok=True)
-    np.save(p, a)
-    return p
-
-
-def load_map(path: Union[str, Path]) -> np.ndarray:
-    """Read a map written by :func:`save_map` as float32."""
-    try:
-        return np.load(Path(path)).astype(np.float32)
-    except (OSError, ValueError) as e:
-        raise CxrExplainError(f"cannot read heatmap {path}: {e}; write it with save_map") from None
-
-
 # --------------------------------------------------------------------------- composites
-def _resize_rgb(a: np.ndarray, height: int) -> np.ndarray:
-    if a.shape[0] == height:
-        return a
-    w = max(1, round(a.shape[1] * height / a.shape[0]))
-    return np.asarray(Image.fromarray(a).resize((w, height), Image.BILINEAR))
-
-
 def _as_rgb(a: ArrayLike) -> np.ndarray:
     a = _np(a)
     if a.ndim == 2:
@@ -252,35 +215,6 @@ def _as_rgb(a: ArrayLike) -> np.ndarray:
         raise CxrExplainError(
             f"panel must be a uint8 (H, W, 3) image or a 2-D X-ray, got {a.dtype} {a.shape}")
     return a[..., :3]
-
-
-def side_by_side(
-    panels: Sequence[tuple[str, ArrayLike]], gap: int = 4, title_height: int = 14,
-    background: int = 255,
-) -> np.ndarray:
-    """Panels ``[(title, rgb), ...]`` in one row, scaled to the first panel's height, with each
-    title written above its panel (Pillow's default font). Returns uint8 (H', W', 3)."""
-    if not panels:
-        raise CxrExplainError("side_by_side needs at least one (title, image) panel")
-    imgs = [_as_rgb(p) for _, p in panels]
-    height = imgs[0].shape[0]
-    imgs = [_resize_rgb(a, height) for a in imgs]
-    top = title_height if any(t for t, _ in panels) else 0
-    total_w = sum(a.shape[1] for a in imgs) + gap * (len(imgs) - 1)
-    canvas = np.full((height + top, total_w, 3), background, dtype=np.uint8)
-    x = 0
-    for a in imgs:
-        canvas[top:, x:x + a.shape[1]] = a
-        x += a.shape[1] + gap
-    if top:
-        pil = Image.fromarray(canvas)
-        draw = ImageDraw.Draw(pil)
-        x = 0
-        for (title, _), a in zip(panels, imgs):
-            draw.text((x + 2, 1), str(title), fill=(0, 0, 0))
-            x += a.shape[1] + gap
-        canvas = np.asarray(pil).copy()
-    return canvas
 
 
 def figure_grid(
