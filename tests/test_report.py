@@ -108,6 +108,24 @@ def test_report_tables_come_from_the_written_tables(report, results):
         assert (results / "tables" / f"{t.name}.md").read_text() == t.to_markdown()
 
 
+def test_report_reads_results_csv_once(results, monkeypatch, tmp_path):
+    import shutil as sh
+
+    folder = tmp_path / "copy"
+    sh.copytree(results, folder)
+    reads = []
+    orig = Path.read_text
+
+    def counting(self, *a, **k):
+        if self.name == "results.csv":
+            reads.append(self)
+        return orig(self, *a, **k)
+
+    monkeypatch.setattr(Path, "read_text", counting)
+    write_report(folder, gallery_per_finding=1, thumb=48)
+    assert len(reads) == 1  # tables, figures and gallery share one ResultsFolder
+
+
 def _chromium(args, timeout=60):
     return subprocess.run([CHROMIUM, "--headless", "--disable-gpu", "--no-sandbox", "--enable-logging=stderr",
                            "--v=0", *args], capture_output=True, text=True, timeout=timeout)
