@@ -354,31 +354,3 @@ def protocol_summary(
                         "cutoff": cut})
     cols = ["method", "finding", "metric", "n", "mean", "ci_low", "ci_high"]
     return pd.DataFrame(rows, columns=cols), pd.DataFrame(choices, columns=["method", "finding", "threshold", "cutoff"])
-
-
-def _cell(r: Optional[Mapping]) -> str:
-    if r is None or not math.isfinite(r["mean"]):
-        return "–"
-    s = f"{r['mean']:.3f}"
-    if math.isfinite(r["ci_low"]):
-        s += f" [{r['ci_low']:.3f}, {r['ci_high']:.3f}]"
-    return s + f" ({int(r['n'])})"
-
-
-def protocol_markdown(summary: pd.DataFrame, findings_order: Sequence[str] = (),
-                      methods_order: Sequence[str] = ("gradcam", "cam", "lrp", "rap"), caption: str = "") -> str:
-    """Table 2's layout for the CheXlocalize metrics: rows (metric, method), columns pathologies,
-    cells ``mean [95% CI] (n)``."""
-    def order(values, preferred):
-        vals = list(dict.fromkeys(values))
-        return [v for v in preferred if v in vals] + [v for v in vals if v not in preferred]
-
-    findings = order(summary["finding"], list(findings_order))
-    methods = order(summary["method"], list(methods_order))
-    idx = {(r["metric"], r["method"], r["finding"]): r for r in summary.to_dict("records")}
-    lines = ([caption, ""] if caption else []) + [
-        "| metric | method | " + " | ".join(findings) + " |", "|" + "---|" * (len(findings) + 2)]
-    for metric, label in (("miou", "mIoU"), ("hit_rate", "hit rate")):
-        for m in methods:
-            lines.append(f"| {label} | {m.upper()} | " + " | ".join(_cell(idx.get((metric, m, f))) for f in findings) + " |")
-    return "\n".join(lines) + "\n"
