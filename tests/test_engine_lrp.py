@@ -179,22 +179,39 @@ def test_functional_inplace_model_conserves_and_explains_logits():
     torch.testing.assert_close(missing, e.leaks["a"] + e.leaks["b"], rtol=1e-6, atol=1e-9)
 
 
-class _GeluNet(nn.Module):
+class _Softsign(nn.Module):
+    def forward(self, x):
+        return x / (1 + x.abs())
+
+
+class _UnsupportedNet(nn.Module):
+    """Ops without a rule: a module (Softshrink), a function (torch.exp), and inside a module that
+    torch.fx traces through a method (abs) and a quotient of two data tensors."""
+
     def __init__(self):
         super().__init__()
         self.conv = nn.Conv2d(3, 4, 3)
-        self.act = nn.GELU()
+        self.act = nn.Softshrink()
+        self.soft = _Softsign()
         self.fc = nn.Linear(4, 2)
 
     def forward(self, x):
-        return self.fc(F.adaptive_avg_pool2d(self.act(self.conv(x)), 1).flatten(1))
+        h = self.soft(torch.exp(self.act(self.conv(x))))
+        return self.fc(F.adaptive_avg_pool2d(h, 1).flatten(1))
 
 
-def test_unknown_op_is_an_error_naming_the_node():
-    with pytest.raises(UnsupportedOpError, match=r"node 'act' \(op GELU, module act\)"):
-        explain(_GeluNet(), torch.randn(1, 3, 8, 8), "lrp", target=0)
+def test_unknown_ops_are_one_error_naming_every_node():
+    with pytest.raises(UnsupportedOpError) as err:
+        explain(_UnsupportedNet(), torch.randn(1, 3, 8, 8), "lrp", target=0)
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert "node 'act' (op Softshrink, module act, kind unknown)" in msg
+    assert "node 'exp' (op exp, kind unknown)" in msg
+    assert "(op abs, in soft, kind unknown)" in msg and "(op truediv, in soft, kind unknown)" in msg
+    assert "no rule for 4 node(s)" in msg
+    assert "still work on this model: gradient, gradient-x-input, integrated-gradients, cam, gradcam" in msg
     # gradient methods need no rules
-    assert explain(_GeluNet(), torch.randn(1, 3, 8, 8), "gradient", target=0).maps.shape == (1, 8, 8)
+    assert explain(_UnsupportedNet(), torch.randn(1, 3, 8, 8), "gradient", target=0).maps.shape == (1, 8, 8)
 
 
 @pytest.mark.parametrize("target, message", [

@@ -57,7 +57,8 @@ class LrpEpsilon(PropagationMethod):
     def rules(self):
         from .. import rules as R
 
-        rules = structural_rules(conv=R.epsilon(self.epsilon), linear=R.epsilon(self.epsilon))
+        rules = structural_rules(conv=R.epsilon(self.epsilon), linear=R.epsilon(self.epsilon),
+                                 constant_add=R.ConstantAdd(absorb=True))
         rules[("conv", "first")] = R.zbox("safe")
         rules[("linear", "first")] = R.zbox("safe")
         return rules
@@ -76,7 +77,8 @@ class LrpEpsilonPlus(PropagationMethod):
     def rules(self):
         from .. import rules as R
 
-        rules = structural_rules(conv=R.zplus(), linear=R.epsilon(self.epsilon))
+        rules = structural_rules(conv=R.zplus(), linear=R.epsilon(self.epsilon),
+                                 constant_add=R.ConstantAdd(absorb=True))
         rules[("conv", "first")] = R.zbox("safe")
         return rules
 

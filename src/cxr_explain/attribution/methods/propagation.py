@@ -27,19 +27,40 @@ CONSERVATION_TOLERANCE = 1e-3
 
 
 def structural_rules(**overrides: R.Rule) -> dict[RuleKey, R.Rule]:
-    """Rules for the parameter-free ops, shared by every composite (``overrides`` by kind)."""
+    """Rules for the parameter-free ops, shared by every composite (``overrides`` by kind).
+
+    Element-wise activations pass relevance unchanged (the identity rule, as zennit's ``Pass`` and
+    AttnLRP); shape ops move it back along the same entries; sums, means and pools are proportional;
+    a gated product gives everything to the gated signal (docs/rules.md §9). A learned constant added
+    to the data (``constant_add``) passes relevance to the data, like the biases the bias-free rules
+    leave out.
+    """
     from .. import rules as R
 
     base: dict[RuleKey, R.Rule] = {
         "relu": R.Pass(),
+        "activation": R.Pass(),
+        "sigmoid": R.Pass(),
         "identity": R.Pass(),
         "batchnorm": R.Pass(),
         "reshape": R.Reshape(),
+        "permute": R.Permute(),
+        "transpose": R.Transpose(),
+        "expand": R.Expand(),
+        "getitem": R.Rearrange(),
+        "split": R.Rearrange(),
+        "pad": R.Rearrange(exact=False),
         "cat": R.Slice(),
         "maxpool": R.WinnerTakesAll(),
         "avgpool": R.Proportional(),
         "adaptive_avgpool": R.Proportional(),
+        "mean": R.Reduce(),
+        "sum": R.Reduce(),
         "add": R.Proportional(),
+        "sub": R.Proportional(),
+        "constant_add": R.ConstantAdd(),
+        "gated_mul": R.GatedProduct(),
+        "mul": R.UniformProduct(),
     }
     base.update(overrides)
     return base
@@ -94,7 +115,7 @@ class PropagationMethod(Method):
 
         traced = trace(request.model)
         rules = self.rule_map(traced)
-        traced.check_supported(rules.has_rule, self.name)
+        traced.check_supported(rules.has_rule, self.name, alternatives(traced))
         problem = self.check_graph(traced)
         if problem:
             raise CxrExplainError(f"{self.name}: {problem}")
@@ -118,6 +139,25 @@ class PropagationMethod(Method):
                     warn_conservation(self, traced, cons, total, explained, res.leaks, res.layer_sums)
         return finish(self.name, self.signed, maps, logits, sel, input_relevance=rel, layer_sums=res.layer_sums,
                       leaks=res.leaks, relevances=res.kept, conservation_error=cons)
+
+
+def alternatives(traced: TracedModel) -> str:
+    """The methods that need no rules (gradient and CAM families), for an unsupported-op error;
+    CAM only where the head is global average pool → Linear."""
+    from .. import cam as cam_maps
+    from .base import available_methods, method_class
+
+    names = []
+    for name in available_methods():
+        fam = method_class(name).family
+        if name == "cam":
+            try:
+                cam_maps.cam_head(traced)
+            except CxrExplainError:
+                continue
+        if fam in (Family.GRADIENT, Family.CAM):
+            names.append(name)
+    return ", ".join(names)
 
 
 def conservation_message(method: PropagationMethod, traced: TracedModel, cons: Tensor, total: Tensor,
