@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cxr_explain.attribution import rules as R
-from cxr_explain.attribution.graph import record_forward, trace
+from cxr_explain.attribution.graph import ForwardRecord, LayerNode, record_forward, trace
 from cxr_explain.attribution.rules.base import carries_data
 
 F64 = torch.float64
@@ -29,10 +29,51 @@ def sdiv(n, d):
     return out
 
 
+def conv_dense(conv: nn.Module, in_shape, weight=None) -> np.ndarray:
+    """The bias-free map of a Conv1d/Conv2d as a matrix, from PyTorch's own forward (string padding,
+    groups and dilation as PyTorch applies them) on basis vectors."""
+    n = int(np.prod(in_shape))
+    basis = torch.eye(n, dtype=F64).reshape(n, *in_shape)
+    with torch.no_grad():
+        out = conv._conv_forward(basis, conv.weight if weight is None else weight, None)
+    return out.reshape(n, -1).T.numpy()
+
+
 def jacobian_dense(fn, x: torch.Tensor) -> np.ndarray:
     """(out, in) Jacobian of ``fn`` at ``x`` (one sample), from autograd."""
     J = torch.autograd.functional.jacobian(fn, x)
     return J.reshape(fn(x).numel(), x.numel()).numpy()
+
+
+def ref_z(contrib: np.ndarray, Rout: np.ndarray) -> np.ndarray:
+    """``R_i = Σ_j contrib_ji R_j / Σ_i contrib_ji`` (safe)."""
+    return (contrib * sdiv(Rout, contrib.sum(1))[:, None]).sum(0)
+
+
+def ref_zplus(M, x, Rout, fallback_A=None):
+    """z⁺; with ``fallback_A`` (the connectivity: which inputs each output reads), an output j with a
+    zero denominator gives R_j in equal parts to the non-zero inputs it reads, or if it reads none,
+    to all the inputs it reads (docs/rules.md §9.6), one output at a time."""
+    xp, xn = np.maximum(x, 0), np.minimum(x, 0)
+    contrib = xp[None] * np.maximum(M, 0) + xn[None] * np.minimum(M, 0)
+    out = ref_z(contrib, Rout)
+    if fallback_A is not None:
+        for j in np.flatnonzero(contrib.sum(1) == 0):
+            reads = fallback_A[j] != 0
+            active = reads & (x != 0)
+            share = active if active.any() else reads
+            out[share] += Rout[j] / share.sum()
+    return out
+
+
+def ref_epsilon(M, b, x, Rout, eps):
+    z = M @ x + b
+    return x * (M.T @ (Rout / (z + eps * np.where(z >= 0, 1.0, -1.0))))
+
+
+def ref_zbox(M, x, Rout):
+    l, h = x.min(), x.max()
+    return ref_z(x[None] * M - l * np.maximum(M, 0) - h * np.minimum(M, 0), Rout)
 
 
 def ref_proportional(M, x, Rout):
@@ -42,6 +83,16 @@ def ref_proportional(M, x, Rout):
 # ------------------------------------------------------------------------------------------
 # Applying a rule to one layer / one traced node
 # ------------------------------------------------------------------------------------------
+
+
+def run_layer(rule, module, kind, x, Rout):
+    """A rule at a lone Conv/Linear module (target and batch axes of size 1)."""
+    node = LayerNode(0, "layer", kind, "hidden", type(module).__name__, fx_node=None, module=module,
+                     module_path="layer")
+    with torch.no_grad():
+        out = module(x)
+        step = R.Step(node, [x], out, ForwardRecord({}, {}), 1, {})
+        return rule.backward(step, Rout.unsqueeze(0))[0][0, 0]
 
 
 def step_at(model: nn.Module, x: torch.Tensor, name: str, k: int = 1) -> R.Step:
@@ -58,6 +109,213 @@ def step_at(model: nn.Module, x: torch.Tensor, name: str, k: int = 1) -> R.Step:
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+# ------------------------------------------------------------------------------------------
+# Convolutions: depthwise, grouped, dilated, strided, "same" padding, Conv1d
+# ------------------------------------------------------------------------------------------
+
+CONVS = {
+    "depthwise": (lambda: nn.Conv2d(4, 4, 3, padding=1, groups=4), (4, 6, 6)),
+    "depthwise-stride2": (lambda: nn.Conv2d(4, 4, 3, stride=2, padding=1, groups=4), (4, 7, 7)),
+    "grouped": (lambda: nn.Conv2d(4, 6, 3, padding=1, groups=2), (4, 5, 5)),
+    "grouped-stride2-5x5": (lambda: nn.Conv2d(6, 4, 5, stride=2, padding=2, groups=2), (6, 7, 7)),
+    "dilated": (lambda: nn.Conv2d(3, 4, 3, padding=2, dilation=2), (3, 7, 7)),
+    "same-even-kernel": (lambda: nn.Conv2d(3, 4, 4, padding="same"), (3, 6, 6)),
+    "same-dilated-depthwise": (lambda: nn.Conv2d(3, 3, 3, padding="same", dilation=3, groups=3), (3, 7, 7)),
+    "valid": (lambda: nn.Conv2d(3, 2, 3, padding="valid"), (3, 5, 5)),
+    "conv1d": (lambda: nn.Conv1d(3, 4, 3, padding=1), (3, 9)),
+    "conv1d-depthwise-stride2": (lambda: nn.Conv1d(4, 4, 5, stride=2, padding=2, groups=4), (4, 11)),
+    "conv1d-same-even": (lambda: nn.Conv1d(2, 3, 4, padding="same"), (2, 9)),
+}
+
+
+def _conv_case(name, rng, signed=True):
+    torch.manual_seed(hash(name) % 1000)
+    make, in_shape = CONVS[name]
+    conv = make().to(F64)
+    nn.init.uniform_(conv.bias, -0.5, 0.5)
+    x = torch.tensor(rng.normal(size=(1, *in_shape)))
+    if not signed:
+        x = torch.relu(x)
+    with torch.no_grad():
+        out_shape = conv(x).shape[1:]
+    Rout = torch.tensor(rng.normal(size=(1, *out_shape)))
+    return conv, x, Rout, conv_dense(conv, in_shape)
+
+
+@pytest.mark.parametrize("name", list(CONVS))
+def test_conv_linear_map_and_its_transpose_equal_the_dense_matrix(rng, name):
+    conv, x, Rout, M = _conv_case(name, rng)
+    node = LayerNode(0, "layer", "conv", "hidden", "Conv", fx_node=None, module=conv, module_path="layer")
+    lm = R.LinearMap(conv, node)
+    W2 = conv.weight.detach() ** 2
+    s = torch.tensor(rng.normal(size=(3, *Rout.shape[1:])))  # N = 3 rows (targets × images)
+    with torch.no_grad():
+        np.testing.assert_allclose(lm.forward(x, conv.weight).flatten().numpy(), M @ x.flatten().numpy(), rtol=1e-12, atol=1e-12)
+        back = lm.transpose_many(s, [conv.weight.detach(), W2], x.shape[1:])
+    M2 = conv_dense(conv, x.shape[1:], W2)
+    for i in range(3):
+        np.testing.assert_allclose(back[0][i].flatten().numpy(), M.T @ s[i].flatten().numpy(), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(back[1][i].flatten().numpy(), M2.T @ s[i].flatten().numpy(), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", list(CONVS))
+def test_conv_lrp_rules_match_the_dense_references(rng, name):
+    conv, x, Rout, M = _conv_case(name, rng)
+    xf, Rf = x.flatten().numpy(), Rout.flatten().numpy()
+    A = (conv_dense(conv, x.shape[1:], torch.ones_like(conv.weight)) != 0).astype(float)  # connectivity
+    b = np.broadcast_to(conv.bias.detach().numpy().reshape(-1, *[1] * (x.dim() - 2)), Rout.shape[1:]).flatten()
+    cases = {
+        "z+": (R.zplus(), ref_zplus(M, xf, Rf)),
+        "epsilon": (R.epsilon(0.1), ref_epsilon(M, b, xf, Rf, 0.1)),
+        "zB": (R.zbox("safe"), ref_zbox(M, xf, Rf)),
+        "flat": (R.flat(), ref_z(A, Rf)),
+        "w2": (R.wsquare(), ref_z(M ** 2, Rf)),
+    }
+    for label, (rule, ref) in cases.items():
+        ours = run_layer(rule, conv, "conv", x, Rout).flatten().numpy()
+        np.testing.assert_allclose(ours, ref, rtol=1e-9, atol=1e-11, err_msg=f"{name}: {label}")
+
+
+# ------------------------------------------------------------------------------------------
+# LayerNorm / GroupNorm: σ-constant linear maps
+# ------------------------------------------------------------------------------------------
+
+
+class _TokenLN(nn.Module):  # (B, N, C) token layout
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(5)
+
+    def forward(self, x):
+        return self.norm(x)
+
+
+class _ChannelsLastLN(nn.Module):  # ConvNeXt's LayerNorm2d: permute, F.layer_norm, permute
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(4) + 0.5)
+        self.bias = nn.Parameter(torch.rand(4) - 0.5)
+
+    def forward(self, x):
+        return F.layer_norm(x.permute(0, 2, 3, 1), (4,), self.weight, self.bias, 1e-6).permute(0, 3, 1, 2)
+
+
+class _MultiDimLN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm((3, 4))
+
+    def forward(self, x):
+        return self.norm(x)
+
+
+class _GN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.GroupNorm(2, 6)
+
+    def forward(self, x):
+        return self.norm(x)
+
+
+class _FunctionalGN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(4) + 0.5)
+
+    def forward(self, x):
+        return F.group_norm(x, 4, self.weight, None, 1e-5)
+
+
+NORMS = {  # model, input shape, node name
+    "layernorm-tokens": (_TokenLN, (1, 3, 5), "norm"),
+    "layernorm2d-channels-last": (_ChannelsLastLN, (1, 4, 2, 3), "layer_norm"),
+    "layernorm-2-axes": (_MultiDimLN, (1, 2, 3, 4), "norm"),
+    "groupnorm": (_GN, (1, 6, 2, 2), "norm"),
+    "groupnorm-functional-no-bias": (_FunctionalGN, (1, 4, 3, 3), "group_norm"),
+}
+
+
+def _norm_dense(step: R.Step) -> tuple[np.ndarray, np.ndarray]:
+    """(M, β) of the normalisation with σ held at its recorded value: the autograd Jacobian of
+    ``x ↦ γ (x − μ(x)) / σ₀ + β`` for one sample, σ₀ computed separately from the recorded input."""
+    node, x = step.node, step.x
+    m = node.module
+    if node.kind == "layernorm":
+        ns = m.normalized_shape if m is not None else (x.shape[-1],)
+        w = m.weight if m is not None else step.inputs[1]
+        b = m.bias if m is not None else step.inputs[2]
+        eps = m.eps if m is not None else 1e-6
+        dims = tuple(range(x.dim() - len(ns), x.dim()))
+        sigma0 = torch.sqrt(x.var(dims, unbiased=False, keepdim=True) + eps).detach()
+
+        def f(t):
+            return w.detach() * (t - t.mean(dims, keepdim=True)) / sigma0 + b.detach()
+    else:
+        g = m.num_groups if m is not None else 4
+        w = m.weight if m is not None else step.inputs[1]
+        b = m.bias if m is not None else None
+        eps = m.eps if m is not None else 1e-5
+        xs = x.reshape(1, g, -1)
+        sigma0 = torch.sqrt(xs.var(-1, unbiased=False, keepdim=True) + eps).detach()
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+
+        def f(t):
+            ts = t.reshape(1, g, -1)
+            y = ((ts - ts.mean(-1, keepdim=True)) / sigma0).reshape(t.shape) * w.detach().view(shape)
+            return y if b is None else y + b.detach().view(shape)
+    M = jacobian_dense(f, x.detach())
+    beta = f(torch.zeros_like(x)).detach().flatten().numpy()  # f is affine: f(0) = β
+    return M, beta
+
+
+def _norm_step(name, rng, k=1):
+    torch.manual_seed(hash(name) % 1000)
+    cls, shape, node = NORMS[name]
+    model = cls().to(F64)
+    for p in model.parameters():
+        with torch.no_grad():
+            p.copy_(torch.rand(p.shape, dtype=F64) * 2 - 0.5)  # some γ < 0 too
+    x = torch.tensor(rng.normal(size=shape))
+    return step_at(model, x, node, k)
+
+
+@pytest.mark.parametrize("name", list(NORMS))
+def test_norm_map_is_the_layer_with_sigma_held_constant(rng, name):
+    step = _norm_step(name, rng)
+    M, beta = _norm_dense(step)
+    x = step.x.flatten().numpy()
+    np.testing.assert_allclose(M @ x + beta, step.output.flatten().numpy(), rtol=1e-10, atol=1e-12)  # exact
+    nm = R.NormMap(step)
+    s = torch.tensor(rng.normal(size=(2, *step.x.shape[1:])))  # two targets' worth of rows
+    mods = {"id": M, "pos": np.maximum(M, 0), "neg": np.minimum(M, 0), "negabs": np.abs(np.minimum(M, 0)),
+            "abs": np.abs(M), "square": M ** 2, "ones": (M != 0).astype(float)}
+    backs = nm.apply_t(step, s, list(mods), step.x.shape[1:])
+    for (mod, Mg), back in zip(mods.items(), backs):
+        np.testing.assert_allclose(nm.apply(step, step.x, mod).flatten().numpy(), Mg @ x, rtol=1e-10, atol=1e-12,
+                                   err_msg=mod)
+        for i in range(2):
+            np.testing.assert_allclose(back[i].flatten().numpy(), Mg.T @ s[i].flatten().numpy(), rtol=1e-10,
+                                       atol=1e-12, err_msg=mod)
+    np.testing.assert_allclose(nm.preactivation(step).flatten().numpy(), M @ x, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", list(NORMS))
+def test_norm_rules_match_the_dense_references(rng, name):
+    step = _norm_step(name, rng)
+    M, beta = _norm_dense(step)
+    x = step.x.flatten().numpy()
+    Rout = torch.tensor(rng.normal(size=(1, 1, *step.output.shape[1:])))
+    Rf = Rout.flatten().numpy()
+    cases = {
+        "z+": (R.zplus(), ref_zplus(M, x, Rf)),
+        "epsilon": (R.epsilon(0.1), ref_epsilon(M, beta, x, Rf, 0.1)),
+    }
+    for label, (rule, ref) in cases.items():
+        out = rule.backward(step, Rout)
+        np.testing.assert_allclose(out[0].flatten().numpy(), ref, rtol=1e-9, atol=1e-11, err_msg=label)
 
 
 # ------------------------------------------------------------------------------------------

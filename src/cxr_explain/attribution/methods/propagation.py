@@ -31,9 +31,10 @@ def structural_rules(**overrides: R.Rule) -> dict[RuleKey, R.Rule]:
 
     Element-wise activations pass relevance unchanged (the identity rule, as zennit's ``Pass`` and
     AttnLRP); shape ops move it back along the same entries; sums, means and pools are proportional;
-    a gated product gives everything to the gated signal (docs/rules.md §9). A learned constant added
-    to the data (``constant_add``) passes relevance to the data, like the biases the bias-free rules
-    leave out.
+    a gated product gives everything to the gated signal (docs/rules.md §9). LayerNorm / GroupNorm
+    get the method's own ``linear`` rule, applied to the norm as a σ-constant linear map (§9.3),
+    unless ``overrides`` name them. A learned constant added to the data (``constant_add``) passes
+    relevance to the data, like the biases the bias-free rules leave out.
     """
     from .. import rules as R
 
@@ -63,6 +64,10 @@ def structural_rules(**overrides: R.Rule) -> dict[RuleKey, R.Rule]:
         "mul": R.UniformProduct(),
     }
     base.update(overrides)
+    linear = overrides.get("linear")
+    if linear is not None:
+        base.setdefault("layernorm", linear)
+        base.setdefault("groupnorm", linear)
     return base
 
 

@@ -8,7 +8,7 @@ import torch
 
 from ...errors import CxrExplainError
 from .base import Rule, Tensor, merge_kb, per_sample_sum, safe_inverse, sdiv, split_kb
-from .linear import LinearMap, modified_weights
+from .linear import LinearMap, linear_map
 
 
 class RapFirstStep(Rule):
@@ -66,7 +66,8 @@ class RapFirstStep(Rule):
 
 class RapHidden(Rule):
     """RAP's hidden Linear/Conv rule: relative influence with inhibitory double counting and the
-    uniform shift (docs/rules.md §2.3), positive-input branch (inputs are post-ReLU, the a⁻ branch is 0).
+    uniform shift (docs/rules.md §2.3), positive-input branch (inputs are post-ReLU, the a⁻ branch is
+    0). It also runs on LayerNorm / GroupNorm through their σ-constant linear map (§9.3, Conv form).
 
     With ``x = a⁺``: ``P_j = Σ_i x_i W⁺_ji``, ``N_j = −Σ_i x_i W⁻_ji`` (computed as ``P − z`` from the
     stored pre-activation ``z``, one extra convolution instead of two), then
@@ -85,36 +86,35 @@ class RapHidden(Rule):
         self.shift = shift
 
     def backward(self, step, R):
-        lm = LinearMap(step.node.module, step.node)
+        lm = linear_map(step)
         signed = not step.x_nonnegative and bool((step.x < 0).any())
         x = step.x.clamp(min=0) if signed else step.x
-        Wp = modified_weights(step, lm, "pos")
-        P = lm.forward(x, Wp)
-        z = step.output
-        if lm.bias is not None:
-            z = z - lm.bias_shape(z).detach()
-        if signed:
-            # signed input: z is not P − N any more; compute N directly
-            N = -lm.forward(x, modified_weights(step, lm, "neg"))
+        P = lm.apply(step, x, "pos")
+        if signed:  # signed input: z is not P − N any more; compute N directly
+            N = lm.apply(step, x, "negabs")
         else:
-            N = (P - z).clamp(min=0)
-        # P, N ≥ 0, so P ≠ 0 or N ≠ 0 already implies P + N ≠ 0: the spec's extra masks are implied.
-        inv_p = safe_inverse(P)
-        inv_pn = safe_inverse(P + N).masked_fill_(N == 0, 0)  # the last term is zero where N = 0
-        if lm.is_conv:
-            s_pos = R.clamp(min=0) * inv_p
-            s_neg = R.clamp(max=0) * safe_inverse(N) + R * inv_pn
-        else:
-            s_pos = R * inv_p
-            s_neg = R * inv_pn
+            N = (P - lm.preactivation(step)).clamp(min=0)
+        s_pos, s_neg = _slots(R, P, N, lm.rap_conv_form)
         k = R.shape[0]
-        g = lm.transpose(merge_kb(s_pos), Wp, x.shape[1:])
-        g = g + lm.transpose(merge_kb(s_neg), modified_weights(step, lm, "negabs"), x.shape[1:])
+        g = lm.apply_t(step, merge_kb(s_pos), ["pos"], x.shape[1:])[0]
+        g = g + lm.apply_t(step, merge_kb(s_neg), ["negabs"], x.shape[1:])[0]
         C = x.unsqueeze(0) * split_kb(g, k)
         if self.shift:
             C, gamma = uniform_shift(C, per_sample_sum(R))
             step.leak = per_sample_sum(R) * (gamma == 0)  # all of R is lost only where nothing is active
         return [C]
+
+
+def _slots(R: Tensor, P: Tensor, N: Tensor, conv_form: bool) -> tuple[Tensor, Tensor]:
+    """The relevance per unit of excitation (``s⁺``, through W⁺) and of inhibition (``s⁻``, through
+    |W⁻|) of docs/rules.md §2.3: Conv form ``s⁺ = R⁺/P``, ``s⁻ = R⁻/N + R/(P+N)``; Linear form
+    ``s⁺ = R/P``, ``s⁻ = R/(P+N)``; safe divisions, the ``/(P+N)`` term zero where N = 0.
+    P, N ≥ 0, so P ≠ 0 or N ≠ 0 already implies P + N ≠ 0: the spec's extra masks are implied."""
+    inv_p = safe_inverse(P)
+    inv_pn = safe_inverse(P + N).masked_fill_(N == 0, 0)
+    if conv_form:
+        return R.clamp(min=0) * inv_p, R.clamp(max=0) * safe_inverse(N) + R * inv_pn
+    return R * inv_p, R * inv_pn
 
 
 def uniform_shift(C: Tensor, target_sum: Tensor) -> tuple[Tensor, Tensor]:
