@@ -76,6 +76,35 @@ def ref_zbox(M, x, Rout):
     return ref_z(x[None] * M - l * np.maximum(M, 0) - h * np.minimum(M, 0), Rout)
 
 
+def _rap_branch(M, xb, P, N, Rb, conv):
+    """docs/rules.md §2.3 before the shift, for one branch (input magnitudes ``xb``), unit by unit."""
+    Mp, Mn = np.maximum(M, 0), np.abs(np.minimum(M, 0))
+    C = np.zeros_like(xb)
+    for j in range(M.shape[0]):
+        Rj, PNj = Rb[j], P[j] + N[j]
+        m = float(PNj != 0)
+        last = float(sdiv(Rj * sdiv(N[j], PNj), N[j]))
+        if conv:
+            g = Mp[j] * float(sdiv(max(Rj, 0), P[j])) * m + Mn[j] * float(sdiv(min(Rj, 0), N[j])) * m
+        else:
+            g = Mp[j] * float(sdiv(Rj, P[j])) * m
+        C += xb * (g + Mn[j] * last)
+    return C
+
+
+def ref_rap(M, x, Rout, conv):
+    """RAP's hidden rule with the signed-input branch as docs/rules.md §9.5 states it: R_j split
+    between the a⁺ and |a⁻| branches by their total magnitudes, both branches summed, one shift."""
+    xp, xn = np.maximum(x, 0), np.maximum(-x, 0)
+    Mp, Mn = np.maximum(M, 0), np.abs(np.minimum(M, 0))
+    P, N, Pn, Nn = Mp @ xp, Mn @ xp, Mp @ xn, Mn @ xn
+    T = P + N + Pn + Nn
+    C = _rap_branch(M, xp, P, N, Rout * sdiv(P + N, T), conv) + _rap_branch(M, xn, Pn, Nn, Rout * sdiv(Pn + Nn, T), conv)
+    gamma = np.count_nonzero(C)
+    delta = float(sdiv(C.sum() - Rout.sum(), gamma))
+    return np.where(C != 0, C - delta, 0.0)
+
+
 def ref_proportional(M, x, Rout):
     return x * (M.T @ sdiv(Rout, M @ x))
 
@@ -176,6 +205,41 @@ def test_conv_lrp_rules_match_the_dense_references(rng, name):
     for label, (rule, ref) in cases.items():
         ours = run_layer(rule, conv, "conv", x, Rout).flatten().numpy()
         np.testing.assert_allclose(ours, ref, rtol=1e-9, atol=1e-11, err_msg=f"{name}: {label}")
+
+
+@pytest.mark.parametrize("name", list(CONVS))
+@pytest.mark.parametrize("signed", [False, True])
+def test_conv_rap_hidden_rule_matches_the_reference(rng, name, signed):
+    conv, x, Rout, M = _conv_case(name, rng, signed=signed)
+    ours = run_layer(R.RapHidden(), conv, "conv", x, Rout)
+    ref = ref_rap(M, x.flatten().numpy(), Rout.flatten().numpy(), conv=True)
+    np.testing.assert_allclose(ours.flatten().numpy(), ref, rtol=1e-9, atol=1e-11)
+    assert abs(float(ours.sum() - Rout.sum())) < 1e-10  # one shift: Σ C = Σ R, not 2·Σ R
+    assert torch.all(ours[x[0] == 0] == 0)
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_linear_rap_hidden_rule_on_channels_last_input_matches_the_reference(rng, signed):
+    torch.manual_seed(5)
+    lin = nn.Linear(6, 5).to(F64)
+    x = torch.tensor(rng.normal(size=(1, 3, 2, 6)))  # (B, H, W, C): ConvNeXt's pointwise layers
+    if not signed:
+        x = torch.relu(x)
+    Rout = torch.tensor(rng.normal(size=(1, 3, 2, 5)))
+    ours = run_layer(R.RapHidden(), lin, "linear", x, Rout)
+    M = np.kron(np.eye(6), lin.weight.detach().numpy())  # the same Linear at each of the 6 positions
+    ref = ref_rap(M, x.flatten().numpy(), Rout.flatten().numpy(), conv=False)
+    np.testing.assert_allclose(ours.flatten().numpy(), ref, rtol=1e-9, atol=1e-11)
+
+
+def test_signed_rap_reduces_to_the_authors_rule_on_nonnegative_input(rng):
+    """On a ≥ 0 input the |a⁻| branch is empty: the signed formula is the authors' (docs/rules.md §2.3)."""
+    from test_rap import ref_hidden
+
+    conv, x, Rout, M = _conv_case("grouped", rng, signed=False)
+    a = ref_rap(M, x.flatten().numpy(), Rout.flatten().numpy(), conv=True)
+    b = ref_hidden(M, x.flatten().numpy(), Rout.flatten().numpy(), conv=True)
+    np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
 
 
 # ------------------------------------------------------------------------------------------
@@ -312,10 +376,13 @@ def test_norm_rules_match_the_dense_references(rng, name):
     cases = {
         "z+": (R.zplus(), ref_zplus(M, x, Rf)),
         "epsilon": (R.epsilon(0.1), ref_epsilon(M, beta, x, Rf, 0.1)),
+        "rap": (R.RapHidden(), ref_rap(M, x, Rf, conv=True)),
     }
     for label, (rule, ref) in cases.items():
         out = rule.backward(step, Rout)
         np.testing.assert_allclose(out[0].flatten().numpy(), ref, rtol=1e-9, atol=1e-11, err_msg=label)
+    rap = R.RapHidden().backward(step, Rout)[0]
+    assert abs(float(rap.sum() - Rout.sum())) < 1e-10
 
 
 # ------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """RAP's rules: the first step at the head and the hidden relative-influence rule with the uniform
-shift (docs/rules.md §2.2, §2.3)."""
+shift (docs/rules.md §2.2, §2.3) and its signed-input branch (§9.5)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -66,17 +66,25 @@ class RapFirstStep(Rule):
 
 class RapHidden(Rule):
     """RAP's hidden Linear/Conv rule: relative influence with inhibitory double counting and the
-    uniform shift (docs/rules.md §2.3), positive-input branch (inputs are post-ReLU, the a⁻ branch is
-    0). It also runs on LayerNorm / GroupNorm through their σ-constant linear map (§9.3, Conv form).
+    uniform shift (docs/rules.md §2.3), with the signed-input branch (§9.5). It also runs on
+    LayerNorm / GroupNorm through their σ-constant linear map (§9.3, Conv form).
 
-    With ``x = a⁺``: ``P_j = Σ_i x_i W⁺_ji``, ``N_j = −Σ_i x_i W⁻_ji`` (computed as ``P − z`` from the
-    stored pre-activation ``z``, one extra convolution instead of two), then
+    Non-negative input ``x = a⁺`` (post-ReLU: VGG, ResNet, DenseNet): ``P_j = Σ_i x_i W⁺_ji``,
+    ``N_j = −Σ_i x_i W⁻_ji`` (computed as ``P − z`` from the stored pre-activation ``z``, one extra
+    convolution instead of two), then
 
     * Conv: ``C_i = x_i Σ_j [W⁺_ji R⁺_j/P_j + |W⁻_ji| R⁻_j/N_j + |W⁻_ji| R_j/(P_j+N_j)]``
     * Linear: ``C_i = x_i Σ_j [W⁺_ji R_j/P_j + |W⁻_ji| R_j/(P_j+N_j)]``
 
-    (safe divisions; the first two terms zeroed where P+N = 0, the last where N = 0); then
-    ``Γ = #{i: C_i ≠ 0}`` per sample over the whole input, ``δ = sdiv(ΣC − ΣR, Γ)``,
+    (safe divisions; the first two terms zeroed where P+N = 0, the last where N = 0).
+
+    Signed input (SiLU / GELU / a norm before the layer): the authors' second branch runs the same
+    formula on ``|a⁻|`` with ``P'_j = Σ_i |a⁻_i| W⁺_ji`` and ``N'_j = Σ_i |a⁻_i| |W⁻_ji|``. Ours: each
+    output's ``R_j`` is first split between the two branches in proportion to their total
+    magnitude, ``R_j·(P_j+N_j)/T_j`` and ``R_j·(P'_j+N'_j)/T_j`` with ``T_j = P_j+N_j+P'_j+N'_j``, and
+    the sum of both branches is shifted once (the authors shift each branch to ΣR, giving 2·ΣR).
+
+    Then ``Γ = #{i: C_i ≠ 0}`` per sample over the whole input, ``δ = sdiv(ΣC − ΣR, Γ)``,
     ``C_i ← C_i − δ`` where ``C_i ≠ 0``.
     """
 
@@ -87,18 +95,30 @@ class RapHidden(Rule):
 
     def backward(self, step, R):
         lm = linear_map(step)
-        signed = not step.x_nonnegative and bool((step.x < 0).any())
-        x = step.x.clamp(min=0) if signed else step.x
-        P = lm.apply(step, x, "pos")
-        if signed:  # signed input: z is not P − N any more; compute N directly
-            N = lm.apply(step, x, "negabs")
-        else:
-            N = (P - lm.preactivation(step)).clamp(min=0)
-        s_pos, s_neg = _slots(R, P, N, lm.rap_conv_form)
+        x = step.x
         k = R.shape[0]
-        g = lm.apply_t(step, merge_kb(s_pos), ["pos"], x.shape[1:])[0]
-        g = g + lm.apply_t(step, merge_kb(s_neg), ["negabs"], x.shape[1:])[0]
-        C = x.unsqueeze(0) * split_kb(g, k)
+        signed = not step.x_nonnegative and bool((x < 0).any())
+        if not signed:
+            P = lm.apply(step, x, "pos")
+            N = (P - lm.preactivation(step)).clamp(min=0)
+            s_pos, s_neg = _slots(R, P, N, lm.rap_conv_form)
+            g_pos, g_neg = lm.apply_t(step, merge_kb(s_pos), ["pos"], x.shape[1:])[0], \
+                lm.apply_t(step, merge_kb(s_neg), ["negabs"], x.shape[1:])[0]
+            C = x.unsqueeze(0) * split_kb(g_pos + g_neg, k)
+        else:
+            xp, xn = x.clamp(min=0), (-x).clamp(min=0)  # a⁺ and |a⁻|
+            P, N = lm.apply(step, xp, "pos"), lm.apply(step, xp, "negabs")
+            Pn, Nn = lm.apply(step, xn, "pos"), lm.apply(step, xn, "negabs")
+            mag_p, mag_n = P + N, Pn + Nn
+            inv_total = safe_inverse(mag_p + mag_n)
+            s1, s2 = _slots(R * (mag_p * inv_total), P, N, lm.rap_conv_form)
+            s3, s4 = _slots(R * (mag_n * inv_total), Pn, Nn, lm.rap_conv_form)
+            # one back-projection per weight modifier, both branches stacked along the batch
+            n = s1.shape[0] * s1.shape[1]
+            g_w = lm.apply_t(step, torch.cat([merge_kb(s1), merge_kb(s3)]), ["pos"], x.shape[1:])[0]
+            g_n = lm.apply_t(step, torch.cat([merge_kb(s2), merge_kb(s4)]), ["negabs"], x.shape[1:])[0]
+            g = g_w + g_n
+            C = xp.unsqueeze(0) * split_kb(g[:n], k) + xn.unsqueeze(0) * split_kb(g[n:], k)
         if self.shift:
             C, gamma = uniform_shift(C, per_sample_sum(R))
             step.leak = per_sample_sum(R) * (gamma == 0)  # all of R is lost only where nothing is active
