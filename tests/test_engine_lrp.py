@@ -133,6 +133,25 @@ def test_leaks_name_the_layer_and_amount_that_a_rule_lost():
     assert max(float(v.abs().max()) for v in kept.leaks.values()) < 1e-9 * abs(float(kept.explained[0]))
 
 
+def test_zero_denominators_option_spreads_what_z_plus_loses():
+    """docs/rules.md §9.6: 'flat' sends the relevance of zero-denominator units on (here the whole
+    logit of a class whose classifier row is ≤ 0) and conserves; 'auto' is the authors' z⁺ on ResNet."""
+    model = build("resnet18", size=64).to(F64)
+    with torch.no_grad():
+        model.fc.weight[2].clamp_(max=0)
+    x = images(1, 64, dtype=F64)
+    flat = explain(model, x, "lrp", target=2, zero_denominators="flat")
+    assert abs(float(flat.maps.sum()) - float(flat.explained[0])) < 1e-9 * abs(float(flat.explained[0]))
+    assert float(flat.leaks["fc"].abs().max()) < 1e-12
+    with pytest.warns(RuntimeWarning, match="arises at fc"):
+        auto = explain(model, x, "lrp", target=2)
+    assert float(auto.maps.abs().max()) == 0.0
+    kept = explain(model, x, "lrp", target=1, zero_denominators="flat")  # no zero denominators: unchanged
+    torch.testing.assert_close(kept.maps, explain(model, x, "lrp", target=1).maps, rtol=0, atol=0)
+    with pytest.raises(CxrExplainError, match="zero_denominators='spread'"):
+        explain(model, x, "lrp", target=1, zero_denominators="spread")
+
+
 class _InPlaceNet(nn.Module):
     """Functional ops, in-place ReLU and ``+=``, fan-out and cat, a sigmoid at the end."""
 

@@ -197,6 +197,7 @@ def test_conv_lrp_rules_match_the_dense_references(rng, name):
     b = np.broadcast_to(conv.bias.detach().numpy().reshape(-1, *[1] * (x.dim() - 2)), Rout.shape[1:]).flatten()
     cases = {
         "z+": (R.zplus(), ref_zplus(M, xf, Rf)),
+        "z+ flat fallback": (R.zplus("flat"), ref_zplus(M, xf, Rf, fallback_A=A)),
         "epsilon": (R.epsilon(0.1), ref_epsilon(M, b, xf, Rf, 0.1)),
         "zB": (R.zbox("safe"), ref_zbox(M, xf, Rf)),
         "flat": (R.flat(), ref_z(A, Rf)),
@@ -205,6 +206,23 @@ def test_conv_lrp_rules_match_the_dense_references(rng, name):
     for label, (rule, ref) in cases.items():
         ours = run_layer(rule, conv, "conv", x, Rout).flatten().numpy()
         np.testing.assert_allclose(ours, ref, rtol=1e-9, atol=1e-11, err_msg=f"{name}: {label}")
+
+
+@pytest.mark.parametrize("groups", [3, 1])
+def test_zplus_flat_fallback_matches_the_reference_and_conserves_where_plain_zplus_loses(rng, groups):
+    conv = nn.Conv2d(3, 3, 3, padding=1, groups=groups, bias=False).to(F64)
+    x = torch.relu(torch.tensor(rng.normal(size=(1, 3, 7, 7))))
+    x[0, :, 2:7, 2:7] = 0  # windows with no non-zero input at all
+    with torch.no_grad():
+        conv.weight[0].clamp_(max=0)  # output channel 0 has no positive contribution anywhere
+    Rout = torch.tensor(np.abs(rng.normal(size=(1, 3, 7, 7))))
+    plain = run_layer(R.zplus(), conv, "conv", x, Rout)
+    fb = run_layer(R.zplus("flat"), conv, "conv", x, Rout)
+    assert float(plain.sum()) < float(Rout.sum()) - 1.0  # channel 0's relevance is lost
+    assert abs(float(fb.sum() - Rout.sum())) < 1e-10
+    A = (conv_dense(conv, x.shape[1:], torch.ones_like(conv.weight)) != 0).astype(float)
+    ref = ref_zplus(conv_dense(conv, x.shape[1:]), x.flatten().numpy(), Rout.flatten().numpy(), fallback_A=A)
+    np.testing.assert_allclose(fb.flatten().numpy(), ref, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("name", list(CONVS))

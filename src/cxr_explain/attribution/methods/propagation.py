@@ -146,6 +146,22 @@ class PropagationMethod(Method):
                       leaks=res.leaks, relevances=res.kept, conservation_error=cons)
 
 
+#: The node kinds of the paper's networks (VGG, ResNet, DenseNet): the ops the RAP authors' code handled.
+CLASSIC_KINDS = {"input", "output", "constant", "meta", "conv", "linear", "batchnorm", "relu", "maxpool", "avgpool",
+                 "adaptive_avgpool", "add", "cat", "reshape", "identity"}
+
+
+def classic_graph(traced: TracedModel) -> bool:
+    """The graph has only the ops the authors' code handled, and no grouped convolution
+    (docs/rules.md §9.5, §9.6): where `rap` keeps the authors' BatchNorm mask and `lrp` their z⁺."""
+    for n in traced.relevant_nodes():
+        if n.kind not in CLASSIC_KINDS:
+            return False
+        if n.kind == "conv" and getattr(n.module, "groups", 1) != 1:
+            return False
+    return True
+
+
 def alternatives(traced: TracedModel) -> str:
     """The methods that need no rules (gradient and CAM families), for an unsupported-op error;
     CAM only where the head is global average pool → Linear."""

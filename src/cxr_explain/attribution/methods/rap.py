@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Optional
 
 from .base import register
-from .propagation import PropagationMethod, structural_rules
+from .propagation import PropagationMethod, classic_graph, structural_rules
 
 if TYPE_CHECKING:
     from ..graph import TracedModel
@@ -51,7 +51,7 @@ class Rap(PropagationMethod):
         from .. import rules as R
 
         dense = any(n.kind == "batchnorm" and n.inputs and n.inputs[0].kind == "cat" for n in traced.nodes)
-        return {"batchnorm": R.Pass()} if dense or not _authors_graph(traced) else {}
+        return {"batchnorm": R.Pass()} if dense or not classic_graph(traced) else {}
 
     def check_graph(self, traced: TracedModel) -> Optional[str]:
         head = [n for n in traced.nodes if n.role == "head"]
@@ -69,18 +69,3 @@ class RapNoShift(Rap):
     description = "RAP without the uniform shift (ours, for ablations; not conserving)"
     conserving = False
     shift = False
-
-
-#: The node kinds the authors' RAP code handled (VGG, ResNet; concatenations: their Inception code).
-_AUTHORS_KINDS = {"input", "output", "constant", "meta", "conv", "linear", "batchnorm", "relu", "maxpool", "avgpool",
-                  "adaptive_avgpool", "add", "cat", "reshape", "identity"}
-
-
-def _authors_graph(traced: TracedModel) -> bool:
-    """Only ops the authors' code handled, and no grouped convolution (docs/rules.md §9.5)."""
-    for n in traced.relevant_nodes():
-        if n.kind not in _AUTHORS_KINDS:
-            return False
-        if n.kind == "conv" and getattr(n.module, "groups", 1) != 1:
-            return False
-    return True

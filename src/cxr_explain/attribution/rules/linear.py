@@ -249,16 +249,27 @@ class ZRule(Rule):
     name = "z"
 
     def __init__(self, terms: Sequence[Term], stabilizer: str = "safe", epsilon: float = 0.0,
-                 use_bias: bool = False, name: Optional[str] = None):
+                 use_bias: bool = False, name: Optional[str] = None, fallback: Optional[str] = None):
         self.terms = tuple(terms)
         self.stabilizer = stabilizer
         self.epsilon = epsilon
         self.use_bias = use_bias
+        if fallback not in (None, "flat-grouped", "flat"):
+            raise ValueError(f"unknown fallback {fallback!r}")
+        self.fallback = fallback
         if name:
             self.name = name
 
     def __repr__(self):
-        return f"ZRule({self.name}, stabilizer={self.stabilizer}, eps={self.epsilon}, bias={self.use_bias})"
+        return (f"ZRule({self.name}, stabilizer={self.stabilizer}, eps={self.epsilon}, bias={self.use_bias}, "
+                f"fallback={self.fallback})")
+
+    def _falls_back(self, lm) -> bool:
+        """Whether zero denominators send their relevance on evenly (:func:`_flat_fallback`, §9.6):
+        ``"flat"`` everywhere, ``"flat-grouped"`` in grouped / depthwise convolutions only."""
+        if self.fallback == "flat":
+            return True
+        return self.fallback == "flat-grouped" and getattr(lm, "is_conv", False) and lm.module.groups > 1
 
     def _inputs(self, step: Step, x: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """The modified inputs, and for the constant ones (``ones``, ``low``, ``high``) their
@@ -297,8 +308,11 @@ class ZRule(Rule):
             z = t.coef * zt if z is None else z + t.coef * zt
         if self.use_bias and lm.bias is not None:
             z = z + lm.bias_shape(z)
+        dead = None
         if self.stabilizer == "safe":
             s = R * safe_inverse(z)
+            if self._falls_back(lm):
+                dead = R * (z == 0)
         elif self.stabilizer == "epsilon":
             s = R / (z + self.epsilon * torch.where(z >= 0, 1.0, -1.0).to(z.dtype))
         elif self.stabilizer == "plus-epsilon":
@@ -320,7 +334,25 @@ class ZRule(Rule):
         for factor, back in zip(factors.values(), backs):
             contrib = factor * split_kb(back, k)
             result = contrib if result is None else result + contrib
+        if dead is not None and bool(dead.any()):
+            result = result + _flat_fallback(step, lm, x, dead)
         return [result]
+
+
+def _flat_fallback(step: Step, lm, x: Tensor, dead: Tensor) -> Tensor:
+    """The relevance ``dead`` (K, B, *out) of outputs whose denominator is 0, spread evenly over the
+    inputs each output reads (docs/rules.md §9.6): over its non-zero inputs, ``R_i += [x_i ≠ 0] R_j /
+    #{i: x_i ≠ 0}``, or where it reads none, over all of them, ``R_i += R_j / n_j``."""
+    k = dead.shape[0]
+    active = (x != 0).to(x.dtype)
+    n_active = lm.apply(step, active, "ones")  # (B, *out): non-zero inputs read by each output
+    n_all = lm.ones_of(step, "ones", x.shape[1:])
+    some = n_active > 0
+    s_active = dead * (some * safe_inverse(n_active))
+    s_all = dead * (~some * safe_inverse(n_all))
+    n = s_active.shape[0] * s_active.shape[1]
+    back = lm.apply_t(step, torch.cat([merge_kb(s_active), merge_kb(s_all)]), ["ones"], x.shape[1:])[0]
+    return active * split_kb(back[:n], k) + split_kb(back[n:], k)
 
 
 class Combined(Rule):
@@ -338,9 +370,13 @@ class Combined(Rule):
         return [total]
 
 
-def zplus() -> ZRule:
-    """LRP-α1β0 = z⁺ without bias: ``R_i = Σ_j (x⁺_i W⁺_ji + x⁻_i W⁻_ji) R_j / Σ_k (…)`` (joint)."""
-    return ZRule([Term("pos", "pos"), Term("neg", "neg")], "safe", name="z+")
+def zplus(fallback: Optional[str] = None) -> ZRule:
+    """LRP-α1β0 = z⁺ without bias: ``R_i = Σ_j (x⁺_i W⁺_ji + x⁻_i W⁻_ji) R_j / Σ_k (…)`` (joint).
+
+    ``fallback=None``: an output with a zero denominator loses its relevance (the authors' code,
+    zennit); ``"flat"``: it spreads it evenly over the inputs it reads (docs/rules.md §9.6);
+    ``"flat-grouped"``: that only in grouped / depthwise convolutions."""
+    return ZRule([Term("pos", "pos"), Term("neg", "neg")], "safe", name="z+", fallback=fallback)
 
 
 def alpha_beta(alpha: float, beta: float) -> Rule:
