@@ -9,6 +9,8 @@ a fresh subprocess (Linux: VmHWM after resetting it), and its ratio to the basel
 
     python benchmarks/bench_attribution.py                      # vgg16 resnet50 densenet121, batch 1 and 8
     python benchmarks/bench_attribution.py --archs densenet121 --batches 8 --memory
+    python benchmarks/bench_attribution.py --archs efficientnet_b0,convnext_tiny --batches 8 --memory \
+        --methods baseline,lrp,rap,gradcam                      # modern CNNs (docs/rules.md §9)
 """
 from __future__ import annotations
 
@@ -51,8 +53,8 @@ def runner(name: str, model: nn.Module, arch: str, x: torch.Tensor) -> Optional[
             return g
         return base
     if name in OURS:
-        if (name == "cam" and arch.startswith("vgg")) or (name == "rsp" and not arch.startswith("vgg")):
-            return None  # CAM needs a GAP head; RSP is defined for VGG only
+        if (name == "cam" and arch.startswith(("vgg", "convnext"))) or (name == "rsp" and not arch.startswith("vgg")):
+            return None  # CAM needs a GAP → Linear head; RSP is defined for VGG only
         return lambda: explain(model, x, name, target=0, check_conservation=False).maps
     if name == "lrp-8-targets":
         return lambda: explain(model, x, "lrp", target=[list(range(8))] * b, check_conservation=False).maps
@@ -90,7 +92,8 @@ def runner(name: str, model: nn.Module, arch: str, x: torch.Tensor) -> Optional[
         from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
         layer = {"vgg16": lambda: model.features[-1], "resnet50": lambda: model.layer4,
-                 "densenet121": lambda: model.features}[arch]()
+                 "densenet121": lambda: model.features, "efficientnet_b0": lambda: model.features,
+                 "convnext_tiny": lambda: model.features}[arch]()
         targets = [ClassifierOutputTarget(0)] * b
 
         def pgc():  # it backpropagates a loss, so it needs parameters that require grad
