@@ -283,7 +283,7 @@ class ZRule(Rule):
             out["id"] = x
         if "pos" in mods:
             out["pos"] = x if nonneg else x.clamp(min=0)
-        if "neg" in mods and not nonneg and bool((x < 0).any()):
+        if "neg" in mods and not nonneg and bool(x.min() < 0):  # one reduction, no mask
             out["neg"] = x.clamp(max=0)
         if "ones" in mods:
             const["ones"] = torch.ones(shape, dtype=x.dtype, device=x.device)
@@ -310,9 +310,12 @@ class ZRule(Rule):
             z = z + lm.bias_shape(z)
         dead = None
         if self.stabilizer == "safe":
-            s = R * safe_inverse(z)
-            if self._falls_back(lm):
-                dead = R * (z == 0)
+            zero = z == 0
+            if bool(zero.any()):
+                s = R * torch.reciprocal(z).masked_fill_(zero, 0)
+                dead = R * zero if self._falls_back(lm) else None
+            else:  # the usual case: a plain division, no mask
+                s = R / z
         elif self.stabilizer == "epsilon":
             s = R / (z + self.epsilon * torch.where(z >= 0, 1.0, -1.0).to(z.dtype))
         elif self.stabilizer == "plus-epsilon":
@@ -323,7 +326,7 @@ class ZRule(Rule):
         s2 = merge_kb(s)
         factors: dict[str, Tensor] = {}
         for t in terms:  # Σ over terms sharing a weight modifier: one transposed map each
-            f = t.coef * ins[t.input_mod]
+            f = ins[t.input_mod] if t.coef == 1 else t.coef * ins[t.input_mod]
             factors[t.param_mod] = f if t.param_mod not in factors else factors[t.param_mod] + f
         if {"id", "pos", "neg"} <= factors.keys():  # zᴮ: Wᵀs = W⁺ᵀs + W⁻ᵀs saves one map
             f_id = factors.pop("id")
@@ -332,9 +335,9 @@ class ZRule(Rule):
         backs = lm.apply_t(step, s2, list(factors), x.shape[1:])
         result = None
         for factor, back in zip(factors.values(), backs):
-            contrib = factor * split_kb(back, k)
-            result = contrib if result is None else result + contrib
-        if dead is not None and bool(dead.any()):
+            back = split_kb(back, k)
+            result = factor * back if result is None else result.addcmul_(factor, back)
+        if dead is not None:
             result = result + _flat_fallback(step, lm, x, dead)
         return [result]
 

@@ -32,7 +32,12 @@ from .linear import WEIGHT_MODS
 
 
 class NormMap:
-    """The map API of :class:`~.linear.LinearMap` for a LayerNorm / GroupNorm node (σ held constant)."""
+    """The map API of :class:`~.linear.LinearMap` for a LayerNorm / GroupNorm node (σ held constant).
+
+    LayerNorm works in the tensor's own layout (the groups are its trailing axes, so a channels-last
+    view is never copied); GroupNorm on the (B, G, D) view of its input. ``a = γ/σ`` stays factored:
+    every modifier ``g`` but ``ones`` is positively homogeneous (degree 2 for ``square``), so
+    ``g(γ c / σ) = g(γ c) · (1/σ)^degree`` and no modified weight is ever a full-size tensor."""
 
     is_conv = False
     rap_conv_form = True  # the sign-symmetric form of RAP's hidden rule (docs/rules.md §9.3)
@@ -43,56 +48,69 @@ class NormMap:
         params = norm_parameters(step)
         weight, bias, eps = params["weight"], params["bias"], params["eps"]
         self.shape = tuple(x.shape)
-        b = x.shape[0]
-        if node.kind == "layernorm":
-            d = math.prod(params["normalized_shape"])
-            self.groups = (math.prod(x.shape[1:]) // d, d)
-            gamma = None if weight is None else weight.detach().reshape(1, 1, d)
+        self.layer = node.kind == "layernorm"
+        if self.layer:
+            ns = params["normalized_shape"]
+            self.dims = tuple(range(-len(ns), 0))  # the group axes, counted from the end
+            self.d = math.prod(ns)
+            self.gamma = None if weight is None else weight.detach().reshape(ns)
             self._beta = None if bias is None else bias.detach()  # broadcasts over the leading axes
-        else:  # groupnorm
-            g = params["num_groups"]
-            c = x.shape[1]
+            xg = x
+        else:  # groupnorm: (B, G, D) views
+            g, c = params["num_groups"], x.shape[1]
             spatial = math.prod(x.shape[2:])
+            self.dims = (-1,)
             self.groups = (g, (c // g) * spatial)
-            gamma = None if weight is None else (
-                weight.detach().reshape(c, 1).expand(c, spatial).reshape(1, g, (c // g) * spatial))
+            self.d = self.groups[1]
+            self.gamma = None if weight is None else (
+                weight.detach().reshape(c, 1).expand(c, spatial).reshape(1, *self.groups))
             self._beta = None if bias is None else bias.detach().view(1, -1, *([1] * (x.dim() - 2)))
-        xg = x.reshape(b, *self.groups)
-        sigma = torch.sqrt(xg.var(-1, unbiased=False, keepdim=True) + eps)  # (B, G, 1), held constant
-        self.a = (1.0 / sigma) if gamma is None else gamma / sigma  # (B, G, D) or (B, G, 1)
-        self.a = self.a.expand(b, *self.groups)
+            xg = x.reshape(x.shape[0], *self.groups)
+        self.inv_sigma = torch.rsqrt(xg.var(self.dims, unbiased=False, keepdim=True) + eps)  # held constant
         self.bias = self._beta
+        self._rows_cache: dict[str, tuple] = {}
 
-    def _rows(self, mod: str) -> tuple[Tensor, Tensor]:
-        """Diagonal and off-diagonal values of ``g(M)`` per row j: (B, G, D) each."""
-        g = WEIGHT_MODS[mod]
-        d = self.groups[1]
-        return g(self.a * (1.0 - 1.0 / d)), g(self.a * (-1.0 / d))
+    def _rows(self, mod: str) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+        """``g(γ(1 − 1/D))``, ``g(−γ/D)`` (group-shaped) and the per-group scale ``(1/σ)^degree``
+        (None for ``ones``): row j of ``g(M)`` is ``scale·diag_j`` on the diagonal, ``scale·off_j`` off it."""
+        if mod not in self._rows_cache:
+            g = WEIGHT_MODS[mod]
+            gamma = self.gamma if self.gamma is not None else torch.ones((), dtype=self.inv_sigma.dtype,
+                                                                          device=self.inv_sigma.device)
+            diag, off = g(gamma * (1.0 - 1.0 / self.d)), g(gamma * (-1.0 / self.d))
+            scale = None if mod == "ones" else (self.inv_sigma * self.inv_sigma if mod == "square" else self.inv_sigma)
+            self._rows_cache[mod] = (diag, off, scale)
+        return self._rows_cache[mod]
 
-    def _grouped(self, t: Tensor) -> Tensor:
-        return t.reshape(t.shape[0], *self.groups)
+    def _grouped(self, t: Tensor, lead: int) -> Tensor:
+        """``t`` (lead axes, then the input's feature axes) in the group layout."""
+        return t if self.layer else t.reshape(*t.shape[:lead], *self.groups)
 
     def apply(self, step: Step, x: Tensor, mod: str) -> Tensor:
-        """``g(M) x``: ``d_j x_j + o_j (S − x_j)`` per group."""
-        diag, off = self._rows(mod)
-        xg = self._grouped(x)
-        total = xg.sum(-1, keepdim=True)
-        return (diag * xg + off * (total - xg)).reshape(x.shape)
+        """``g(M) x``: ``scale · (d_j x_j + o_j (S − x_j))`` per group, ``S`` the group sum."""
+        diag, off, scale = self._rows(mod)
+        xg = self._grouped(x, 1)
+        out = diag * xg + off * (xg.sum(self.dims, keepdim=True) - xg)
+        if scale is not None:
+            out = out * scale
+        return out.reshape(x.shape)
 
     def apply_t(self, step: Step, s: Tensor, mods: Sequence[str], in_shape: Sequence[int]) -> list[Tensor]:
-        """``g(M)ᵀ s``: ``d_i s_i + Σ_j o_j s_j − o_i s_i``; ``s`` is (K·B, …) (targets × batch)."""
+        """``g(M)ᵀ s``: ``d_i t_i + Σ_j o_j t_j − o_i t_i`` with ``t = scale · s``; ``s`` is (K·B, …)
+        (targets × batch), the per-sample scale broadcast over K."""
         k = s.shape[0] // self.shape[0]
-        sg = self._grouped(s)
+        sk = self._grouped(s.reshape(k, self.shape[0], *s.shape[1:]), 2)
         out = []
         for mod in mods:
-            diag, off = (t.repeat(k, 1, 1) for t in self._rows(mod))
-            os_ = off * sg
-            out.append((diag * sg + os_.sum(-1, keepdim=True) - os_).reshape(s.shape))
+            diag, off, scale = self._rows(mod)
+            t = sk if scale is None else sk * scale
+            ot = off * t
+            out.append((diag * t + ot.sum(self.dims, keepdim=True) - ot).reshape(s.shape))
         return out
 
     def ones_of(self, step: Step, mod: str, in_shape: Sequence[int]) -> Tensor:
         """``g(M) 1`` per sample (B, *shape)."""
-        ones = torch.ones(self.shape, dtype=self.a.dtype, device=self.a.device)
+        ones = torch.ones(self.shape, dtype=self.inv_sigma.dtype, device=self.inv_sigma.device)
         return self.apply(step, ones, mod)
 
     def bias_shape(self, out: Tensor) -> Optional[Tensor]:

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 from ...errors import CxrExplainError
-from .base import Rule, Tensor, merge_kb, per_sample_sum, safe_inverse, sdiv, split_kb
+from .base import Rule, Tensor, merge_kb, per_sample_sum, sdiv, split_kb
 from .linear import LinearMap, linear_map
 
 
@@ -97,44 +97,55 @@ class RapHidden(Rule):
         lm = linear_map(step)
         x = step.x
         k = R.shape[0]
-        signed = not step.x_nonnegative and bool((x < 0).any())
+        conv = lm.rap_conv_form
+        signed = not step.x_nonnegative and bool(x.min() < 0)
         if not signed:
             P = lm.apply(step, x, "pos")
-            N = (P - lm.preactivation(step)).clamp(min=0)
-            s_pos, s_neg = _slots(R, P, N, lm.rap_conv_form)
-            g_pos, g_neg = lm.apply_t(step, merge_kb(s_pos), ["pos"], x.shape[1:])[0], \
-                lm.apply_t(step, merge_kb(s_neg), ["negabs"], x.shape[1:])[0]
-            C = x.unsqueeze(0) * split_kb(g_pos + g_neg, k)
+            N = (P - lm.preactivation(step)).clamp_(min=0)
+            inv_pn = _inverse(P + N)
+            s_pos, s_neg = _slots(R, R * inv_pn, P, N, conv)
+            g = lm.apply_t(step, merge_kb(s_pos), ["pos"], x.shape[1:])[0]
+            g += lm.apply_t(step, merge_kb(s_neg), ["negabs"], x.shape[1:])[0]
+            C = x.unsqueeze(0) * split_kb(g, k)
         else:
-            xp, xn = x.clamp(min=0), (-x).clamp(min=0)  # a⁺ and |a⁻|
+            xp, xn = x.clamp(min=0), (-x).clamp_(min=0)  # a⁺ and |a⁻|
             P, N = lm.apply(step, xp, "pos"), lm.apply(step, xp, "negabs")
             Pn, Nn = lm.apply(step, xn, "pos"), lm.apply(step, xn, "negabs")
             mag_p, mag_n = P + N, Pn + Nn
-            inv_total = safe_inverse(mag_p + mag_n)
-            s1, s2 = _slots(R * (mag_p * inv_total), P, N, lm.rap_conv_form)
-            s3, s4 = _slots(R * (mag_n * inv_total), Pn, Nn, lm.rap_conv_form)
+            u = R * _inverse(mag_p + mag_n)  # R_j / T_j: each branch gets u·(P+N) resp. u·(P'+N')
+            s1, s2 = _slots(u * mag_p, u, P, N, conv)
+            s3, s4 = _slots(u * mag_n, u, Pn, Nn, conv)
             # one back-projection per weight modifier, both branches stacked along the batch
             n = s1.shape[0] * s1.shape[1]
-            g_w = lm.apply_t(step, torch.cat([merge_kb(s1), merge_kb(s3)]), ["pos"], x.shape[1:])[0]
-            g_n = lm.apply_t(step, torch.cat([merge_kb(s2), merge_kb(s4)]), ["negabs"], x.shape[1:])[0]
-            g = g_w + g_n
-            C = xp.unsqueeze(0) * split_kb(g[:n], k) + xn.unsqueeze(0) * split_kb(g[n:], k)
+            g = lm.apply_t(step, torch.cat([merge_kb(s1), merge_kb(s3)]), ["pos"], x.shape[1:])[0]
+            g += lm.apply_t(step, torch.cat([merge_kb(s2), merge_kb(s4)]), ["negabs"], x.shape[1:])[0]
+            C = xp.unsqueeze(0) * split_kb(g[:n], k)
+            C.addcmul_(xn.unsqueeze(0), split_kb(g[n:], k))
         if self.shift:
             C, gamma = uniform_shift(C, per_sample_sum(R))
             step.leak = per_sample_sum(R) * (gamma == 0)  # all of R is lost only where nothing is active
         return [C]
 
 
-def _slots(R: Tensor, P: Tensor, N: Tensor, conv_form: bool) -> tuple[Tensor, Tensor]:
+def _inverse(d: Tensor) -> Tensor:
+    """``1/d`` where ``d ≠ 0``, else 0 (the mask only when a zero occurs)."""
+    zero = d == 0
+    inv = torch.reciprocal(d)
+    return inv.masked_fill_(zero, 0) if bool(zero.any()) else inv
+
+
+def _slots(R: Tensor, R_over_pn: Tensor, P: Tensor, N: Tensor, conv_form: bool) -> tuple[Tensor, Tensor]:
     """The relevance per unit of excitation (``s⁺``, through W⁺) and of inhibition (``s⁻``, through
-    |W⁻|) of docs/rules.md §2.3: Conv form ``s⁺ = R⁺/P``, ``s⁻ = R⁻/N + R/(P+N)``; Linear form
-    ``s⁺ = R/P``, ``s⁻ = R/(P+N)``; safe divisions, the ``/(P+N)`` term zero where N = 0.
-    P, N ≥ 0, so P ≠ 0 or N ≠ 0 already implies P + N ≠ 0: the spec's extra masks are implied."""
-    inv_p = safe_inverse(P)
-    inv_pn = safe_inverse(P + N).masked_fill_(N == 0, 0)
+    |W⁻|) of docs/rules.md §2.3, given ``R`` and ``R/(P+N)`` (safe): Conv form ``s⁺ = R⁺/P``,
+    ``s⁻ = R⁻/N + R/(P+N)``; Linear form ``s⁺ = R/P``, ``s⁻ = R/(P+N)``; safe divisions.
+
+    The authors also zero the ``R/(P+N)`` term where N = 0; that changes nothing, so it is left out:
+    with P, N ≥ 0 built from x ≥ 0, N_j = 0 means every input i of output j has x_i |W⁻_ji| = 0, so
+    output j's inhibitory term reaches C_i = x_i Σ_j |W⁻_ji| s⁻_j as an exact 0 (for finite s⁻_j)."""
     if conv_form:
-        return R.clamp(min=0) * inv_p, R.clamp(max=0) * safe_inverse(N) + R * inv_pn
-    return R * inv_p, R * inv_pn
+        s_neg = R.clamp(max=0).mul_(_inverse(N)).add_(R_over_pn)
+        return R.clamp(min=0).mul_(_inverse(P)), s_neg
+    return R * _inverse(P), R_over_pn
 
 
 def uniform_shift(C: Tensor, target_sum: Tensor) -> tuple[Tensor, Tensor]:
