@@ -9,6 +9,8 @@ a fresh subprocess (Linux: VmHWM after resetting it), and its ratio to the basel
 
     python benchmarks/bench_attribution.py                      # vgg16 resnet50 densenet121, batch 1 and 8
     python benchmarks/bench_attribution.py --archs densenet121 --batches 8 --memory
+    python benchmarks/bench_attribution.py --archs efficientnet_b0,convnext_tiny --batches 8 --memory \
+        --methods baseline,lrp,rap,gradcam --interleave          # modern CNNs (docs/rules.md §9)
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ import torch.nn as nn
 import torchvision
 
 OURS = ["lrp", "rap", "rsp", "cam", "gradcam"]
+CLOCK = time.perf_counter
 PEERS = ["zennit-lrp", "captum-lrp", "pytorch-grad-cam"]
 
 
@@ -51,8 +54,8 @@ def runner(name: str, model: nn.Module, arch: str, x: torch.Tensor) -> Optional[
             return g
         return base
     if name in OURS:
-        if (name == "cam" and arch.startswith("vgg")) or (name == "rsp" and not arch.startswith("vgg")):
-            return None  # CAM needs a GAP head; RSP is defined for VGG only
+        if (name == "cam" and arch.startswith(("vgg", "convnext"))) or (name == "rsp" and not arch.startswith("vgg")):
+            return None  # CAM needs a GAP → Linear head; RSP is defined for VGG only
         return lambda: explain(model, x, name, target=0, check_conservation=False).maps
     if name == "lrp-8-targets":
         return lambda: explain(model, x, "lrp", target=[list(range(8))] * b, check_conservation=False).maps
@@ -90,7 +93,8 @@ def runner(name: str, model: nn.Module, arch: str, x: torch.Tensor) -> Optional[
         from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
         layer = {"vgg16": lambda: model.features[-1], "resnet50": lambda: model.layer4,
-                 "densenet121": lambda: model.features}[arch]()
+                 "densenet121": lambda: model.features, "efficientnet_b0": lambda: model.features,
+                 "convnext_tiny": lambda: model.features}[arch]()
         targets = [ClassifierOutputTarget(0)] * b
 
         def pgc():  # it backpropagates a loss, so it needs parameters that require grad
@@ -110,10 +114,34 @@ def time_it(fn: Callable[[], object], repeats: int) -> float:
     fn()  # warm-up (tracing, allocator)
     times = []
     for _ in range(repeats):
-        t = time.perf_counter()
+        t = CLOCK()
         fn()
-        times.append(time.perf_counter() - t)
+        times.append(CLOCK() - t)
     return statistics.median(times)
+
+
+def interleaved(model: nn.Module, arch: str, x: torch.Tensor, methods: list[str], repeats: int
+                ) -> dict[str, tuple[float, float]]:
+    """method -> (median time, median over rounds of time / that round's baseline time); each round
+    times the baseline and every method once, after one warm-up call of each."""
+    fns = {}
+    for method in methods:
+        try:
+            fn = runner(method, model, arch, x)
+            if fn is not None:
+                fn()  # warm-up (tracing, allocator)
+                fns[method] = fn
+        except Exception as exc:  # a peer that does not support the model
+            print(f"<!-- {arch} {method}: {type(exc).__name__}: {str(exc)[:80]} -->")
+    times: dict[str, list[float]] = {m: [] for m in fns}
+    for _ in range(repeats):
+        for method, fn in fns.items():
+            t = CLOCK()
+            fn()
+            times[method].append(CLOCK() - t)
+    base = times.get("baseline")
+    return {m: (statistics.median(ts), statistics.median(t / b for t, b in zip(ts, base)) if base else None)
+            for m, ts in times.items()}
 
 
 def peak_memory_mb(arch: str, batch: int, size: int, method: str) -> Optional[float]:
@@ -152,11 +180,20 @@ def main() -> None:
     ap.add_argument("--memory", action="store_true", help="also measure peak memory (a subprocess per cell)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--json", help="also write the rows to this JSON file")
+    ap.add_argument("--clock", choices=["wall", "process"], default="wall",
+                    help="process: CPU seconds this process used (all its threads) instead of wall time; with "
+                         "--threads 1 the work a method does, whatever else the machine runs")
+    ap.add_argument("--interleave", action="store_true",
+                    help="time the methods in rounds (baseline, method, method …, repeated) and report the median "
+                         "of each round's ratio to its own baseline: robust to a shared machine's load drifting")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "process" else time.perf_counter
     methods = args.methods.split(",")
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"{args.threads} threads, {args.size}x{args.size}, median of {args.repeats}")
+          f"{args.threads} threads, {args.size}x{args.size}, median of {args.repeats}, {args.clock} clock"
+          + (", interleaved rounds" if args.interleave else ""))
     header = "| arch | batch | method | ms / image | × baseline |" + (" peak MB | × baseline mem |" if args.memory else "")
     print(header)
     print("|" + "|".join(["---"] * (header.count("|") - 1)) + "|")
@@ -166,21 +203,28 @@ def main() -> None:
         for batch in [int(b) for b in args.batches.split(",")]:
             x = torch.randn(batch, 3, args.size, args.size, generator=torch.Generator().manual_seed(1))
             base_t = base_m = None
+            rounds = interleaved(model, arch, x, methods, args.repeats) if args.interleave else {}
             for method in methods:
                 if method == "lrp-8-targets" and batch != 1:
                     continue
-                try:
-                    fn = runner(method, model, arch, x)
-                    t = time_it(fn, args.repeats) if fn is not None else None
-                except Exception as exc:  # a peer that does not support the model
-                    print(f"<!-- {arch} {method}: {type(exc).__name__}: {str(exc)[:80]} -->")
-                    t = None
+                ratio = None
+                if args.interleave:
+                    t, ratio = rounds.get(method, (None, None))
+                else:
+                    try:
+                        fn = runner(method, model, arch, x)
+                        t = time_it(fn, args.repeats) if fn is not None else None
+                    except Exception as exc:  # a peer that does not support the model
+                        print(f"<!-- {arch} {method}: {type(exc).__name__}: {str(exc)[:80]} -->")
+                        t = None
                 mem = peak_memory_mb(arch, batch, args.size, method) if args.memory and t is not None else None
                 if method == "baseline":
                     base_t, base_m = t, mem
+                if ratio is None and t is not None and base_t:
+                    ratio = t / base_t
                 row = {"arch": arch, "batch": batch, "method": method,
                        "ms_per_image": None if t is None else 1000 * t / batch,
-                       "ratio": None if t is None or not base_t else t / base_t,
+                       "ratio": ratio,
                        "peak_mb": mem, "mem_ratio": None if mem is None or not base_m else mem / base_m}
                 rows.append(row)
                 cells = [arch, str(batch), method,

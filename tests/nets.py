@@ -16,17 +16,25 @@ from torchvision.models.resnet import Bottleneck, ResNet
 def realistic(model: nn.Module, size: int = 64, seed: int = 0, n: int = 8, channels: int = 3,
               scale: float = 1.0) -> nn.Module:
     """Random γ/β, non-zero biases, running statistics estimated on random images (``channels``,
-    values ``scale`` × N(0, 1): 1024 for xrv's input range); eval mode."""
+    values ``scale`` × N(0, 1): 1024 for xrv's input range); eval mode. LayerNorm / GroupNorm get
+    random affine parameters too, and ConvNeXt's layer scales (initialised at 1e-6, which would make
+    every residual branch negligible) values in [0.1, 1]."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)) and m.bias is not None:
+            if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)) and m.bias is not None:
                 m.bias.copy_((torch.rand(m.bias.shape, generator=g) - 0.5) * 0.1)
             if isinstance(m, nn.BatchNorm2d):
                 m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
                 m.bias.copy_((torch.rand(m.bias.shape, generator=g) - 0.5) * 0.5)
                 m.reset_running_stats()
                 m.momentum = None
+            if isinstance(m, (nn.LayerNorm, nn.GroupNorm)) and m.weight is not None:
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                m.bias.copy_((torch.rand(m.bias.shape, generator=g) - 0.5) * 0.5)
+        for name, p in model.named_parameters():
+            if name.split(".")[-1] in ("layer_scale", "gamma") and p.numel() > 1:
+                p.copy_(torch.rand(p.shape, generator=g) * 0.9 + 0.1)
         model.train()
         model(torch.randn(n, channels, size, size, generator=g) * scale)
         model.eval()
@@ -37,9 +45,14 @@ VGG_HIDDEN = 256
 
 
 def build(arch: str, num_classes: int = 6, size: int = 64, seed: int = 0) -> nn.Module:
+    """A torchvision architecture by name, ``resnet-tiny``, or ``timm:<name>`` (pretrained=False)."""
     torch.manual_seed(seed)
     if arch == "resnet-tiny":  # one bottleneck per stage
         model = ResNet(Bottleneck, [1, 1, 1, 1], num_classes=num_classes)
+    elif arch.startswith("timm:"):
+        import timm
+
+        model = timm.create_model(arch[5:], pretrained=False, num_classes=num_classes)
     else:
         model = getattr(torchvision.models, arch)(num_classes=num_classes)
     if arch.startswith("vgg"):

@@ -133,6 +133,25 @@ def test_leaks_name_the_layer_and_amount_that_a_rule_lost():
     assert max(float(v.abs().max()) for v in kept.leaks.values()) < 1e-9 * abs(float(kept.explained[0]))
 
 
+def test_zero_denominators_option_spreads_what_z_plus_loses():
+    """docs/rules.md §9.6: 'flat' sends the relevance of zero-denominator units on (here the whole
+    logit of a class whose classifier row is ≤ 0) and conserves; 'auto' is the authors' z⁺ on ResNet."""
+    model = build("resnet18", size=64).to(F64)
+    with torch.no_grad():
+        model.fc.weight[2].clamp_(max=0)
+    x = images(1, 64, dtype=F64)
+    flat = explain(model, x, "lrp", target=2, zero_denominators="flat")
+    assert abs(float(flat.maps.sum()) - float(flat.explained[0])) < 1e-9 * abs(float(flat.explained[0]))
+    assert float(flat.leaks["fc"].abs().max()) < 1e-12
+    with pytest.warns(RuntimeWarning, match="arises at fc"):
+        auto = explain(model, x, "lrp", target=2)
+    assert float(auto.maps.abs().max()) == 0.0
+    kept = explain(model, x, "lrp", target=1, zero_denominators="flat")  # no zero denominators: unchanged
+    torch.testing.assert_close(kept.maps, explain(model, x, "lrp", target=1).maps, rtol=0, atol=0)
+    with pytest.raises(CxrExplainError, match="zero_denominators='spread'"):
+        explain(model, x, "lrp", target=1, zero_denominators="spread")
+
+
 class _InPlaceNet(nn.Module):
     """Functional ops, in-place ReLU and ``+=``, fan-out and cat, a sigmoid at the end."""
 
@@ -179,22 +198,39 @@ def test_functional_inplace_model_conserves_and_explains_logits():
     torch.testing.assert_close(missing, e.leaks["a"] + e.leaks["b"], rtol=1e-6, atol=1e-9)
 
 
-class _GeluNet(nn.Module):
+class _Softsign(nn.Module):
+    def forward(self, x):
+        return x / (1 + x.abs())
+
+
+class _UnsupportedNet(nn.Module):
+    """Ops without a rule: a module (Softshrink), a function (torch.exp), and inside a module that
+    torch.fx traces through a method (abs) and a quotient of two data tensors."""
+
     def __init__(self):
         super().__init__()
         self.conv = nn.Conv2d(3, 4, 3)
-        self.act = nn.GELU()
+        self.act = nn.Softshrink()
+        self.soft = _Softsign()
         self.fc = nn.Linear(4, 2)
 
     def forward(self, x):
-        return self.fc(F.adaptive_avg_pool2d(self.act(self.conv(x)), 1).flatten(1))
+        h = self.soft(torch.exp(self.act(self.conv(x))))
+        return self.fc(F.adaptive_avg_pool2d(h, 1).flatten(1))
 
 
-def test_unknown_op_is_an_error_naming_the_node():
-    with pytest.raises(UnsupportedOpError, match=r"node 'act' \(op GELU, module act\)"):
-        explain(_GeluNet(), torch.randn(1, 3, 8, 8), "lrp", target=0)
+def test_unknown_ops_are_one_error_naming_every_node():
+    with pytest.raises(UnsupportedOpError) as err:
+        explain(_UnsupportedNet(), torch.randn(1, 3, 8, 8), "lrp", target=0)
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert "node 'act' (op Softshrink, module act, kind unknown)" in msg
+    assert "node 'exp' (op exp, kind unknown)" in msg
+    assert "(op abs, in soft, kind unknown)" in msg and "(op truediv, in soft, kind unknown)" in msg
+    assert "no rule for 4 node(s)" in msg
+    assert "still work on this model: gradient, gradient-x-input, integrated-gradients, cam, gradcam" in msg
     # gradient methods need no rules
-    assert explain(_GeluNet(), torch.randn(1, 3, 8, 8), "gradient", target=0).maps.shape == (1, 8, 8)
+    assert explain(_UnsupportedNet(), torch.randn(1, 3, 8, 8), "gradient", target=0).maps.shape == (1, 8, 8)
 
 
 @pytest.mark.parametrize("target, message", [

@@ -1,10 +1,11 @@
 """Trace a model once into a graph of layers and functional ops, and run its forward pass.
 
 The graph is torch.fx's, annotated: every node gets a *kind* (``conv``, ``linear``, ``batchnorm``,
-``relu``, ``maxpool``, ``avgpool``, ``add``, ``cat``, ``reshape`` …) whether it is a module
-(``nn.ReLU``) or a function (``F.relu``, ``torch.flatten``, ``+=``), and a *role* (``first`` for the
-layers that read the input image, ``head`` for the linear layer that produces the logits, else
-``hidden``). Methods map (kind, role) to rules; the engine never looks at layer types itself.
+``relu``, ``activation``, ``layernorm``, ``gated_mul``, ``permute``, ``meta`` …; the tables are in
+:mod:`.kinds`) whether it is a module (``nn.ReLU``), a function (``F.relu``, ``torch.flatten``,
+``+=``) or a tensor method (``x.view``), and a *role* (``first`` for the layers that read the input
+image, ``head`` for the linear layer that produces the logits, else ``hidden``). Methods map
+(kind, role) to rules; the engine never looks at layer types itself.
 
 :func:`record_forward` runs the graph out of place (in-place ReLUs and ``+=`` become their
 out-of-place twins, so no stored activation is overwritten) and keeps every node's output plus the
@@ -24,78 +25,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import CxrExplainError, TraceError, UnsupportedOpError
+from . import kinds as K
+from .kinds import FUNCTION_KINDS, METHOD_KINDS, MODULE_KINDS, NON_TENSOR_KINDS  # noqa: F401  (re-exported)
 
 # --------------------------------------------------------------------------------------------
-# Op classification
+# Op classification (the tables live in kinds.py)
 # --------------------------------------------------------------------------------------------
-
-MODULE_KINDS: dict[type, str] = {
-    nn.Conv2d: "conv",
-    nn.Linear: "linear",
-    nn.BatchNorm2d: "batchnorm",
-    nn.BatchNorm1d: "batchnorm",
-    nn.ReLU: "relu",
-    nn.MaxPool2d: "maxpool",
-    nn.AvgPool2d: "avgpool",
-    nn.AdaptiveAvgPool2d: "adaptive_avgpool",
-    nn.Flatten: "reshape",
-    nn.Dropout: "identity",
-    nn.Identity: "identity",
-    nn.Sigmoid: "output_activation",
-    nn.Softmax: "output_activation",
-    nn.LogSoftmax: "output_activation",
-}
-
-FUNCTION_KINDS: dict[Any, str] = {
-    F.relu: "relu",
-    torch.relu: "relu",
-    torch.relu_: "relu",
-    F.relu_: "relu",
-    operator.add: "add",
-    operator.iadd: "add",
-    torch.add: "add",
-    torch.cat: "cat",
-    torch.concat: "cat",
-    torch.flatten: "reshape",
-    torch.reshape: "reshape",
-    torch.squeeze: "reshape",
-    torch.unsqueeze: "reshape",
-    F.adaptive_avg_pool2d: "adaptive_avgpool",
-    F.avg_pool2d: "avgpool",
-    F.max_pool2d: "maxpool",
-    F.dropout: "identity",
-    torch.sigmoid: "output_activation",
-    F.sigmoid: "output_activation",
-    F.softmax: "output_activation",
-    torch.softmax: "output_activation",
-    F.log_softmax: "output_activation",
-    operator.getitem: "meta",
-    getattr: "meta",
-}
-
-METHOD_KINDS: dict[str, str] = {
-    "view": "reshape",
-    "reshape": "reshape",
-    "flatten": "reshape",
-    "squeeze": "reshape",
-    "unsqueeze": "reshape",
-    "contiguous": "identity",
-    "relu": "relu",
-    "relu_": "relu",
-    "add": "add",
-    "add_": "add",
-    "size": "meta",
-    "dim": "meta",
-    "sigmoid": "output_activation",
-    "softmax": "output_activation",
-}
-
-# Kinds whose nodes carry no relevance (shape queries and the like).
-NON_TENSOR_KINDS = {"meta"}
 
 # In-place ops replaced by out-of-place twins when the graph is run by the engine.
-_OUT_OF_PLACE_FUNCTIONS = {operator.iadd: operator.add, torch.relu_: torch.relu, F.relu_: F.relu}
-_OUT_OF_PLACE_METHODS = {"relu_": "relu", "add_": "add"}
+_OUT_OF_PLACE_FUNCTIONS = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
+                           operator.itruediv: operator.truediv, torch.relu_: torch.relu, F.relu_: F.relu}
+_OUT_OF_PLACE_METHODS = {"relu_": "relu", "add_": "add", "mul_": "mul", "sigmoid_": "sigmoid"}
 
 
 def _op_name(node: fx.Node, modules: dict[str, nn.Module]) -> str:
@@ -123,8 +63,11 @@ class LayerNode:
     fx_node: fx.Node
     module: Optional[nn.Module] = None
     module_path: Optional[str] = None
-    inputs: list["LayerNode"] = field(default_factory=list)  # tensor inputs, in argument order
+    inputs: list["LayerNode"] = field(default_factory=list)  # node operands, in argument order
     nonnegative: bool = False  # output is ≥ 0 by construction (after a ReLU, pools / cat of such)
+    data: bool = False  # the output depends on the model input as data (not only through its shape)
+    passive: frozenset = frozenset()  # operand names held constant by the rule (a product's gate)
+    scope: Optional[str] = None  # for a function / method node: the module whose forward called it
 
     def __repr__(self) -> str:  # short, for error messages
         where = f" ({self.module_path})" if self.module_path else ""
@@ -155,6 +98,11 @@ class TracedModel:
             kind, module, path = self._classify(node)
             ln = LayerNode(i, node.name, kind, "hidden", _op_name(node, self.modules), node, module, path)
             ln.inputs = [by_fx[a] for a in _flat_node_args(node)]
+            self._refine(ln)
+            _no_inplace_args(node)
+            stack = node.meta.get("nn_module_stack")
+            if stack and module is None:
+                ln.scope = next(reversed(stack.values()))[0] or None
             by_fx[node] = ln
             self.nodes.append(ln)
             if node.op == "placeholder":
@@ -186,15 +134,21 @@ class TracedModel:
             return "constant", None, None
         if node.op == "call_module":
             module = self.modules[node.target]
-            for cls in type(module).__mro__:
-                if cls in MODULE_KINDS:
-                    return MODULE_KINDS[cls], module, node.target
-            return "unknown", module, node.target
-        if node.op == "call_function":
-            return FUNCTION_KINDS.get(node.target, "unknown"), None, None
-        if node.op == "call_method":
-            return METHOD_KINDS.get(node.target, "unknown"), None, None
+            return K.module_kind(module), module, node.target
+        if node.op in ("call_function", "call_method"):
+            return K.call_kind(node.op, node.target, node.args), None, None
         return "unknown", None, None
+
+    @staticmethod
+    def _refine(ln: LayerNode) -> None:
+        """Set ``data`` and refine the kind from the operands (kinds.py): shape arithmetic is meta;
+        ``+`` of one data operand is ``constant_add``; a product with a gate or a constant factor is
+        ``gated_mul`` (the gate is held constant), of two data operands that are not gates ``mul``."""
+        ln.kind = _refined_kind(ln)
+        if ln.kind == "input":
+            ln.data = True
+        elif ln.kind not in NON_TENSOR_KINDS and ln.kind != "constant":
+            ln.data = any(i.data for i in ln.inputs)
 
     def _find_logits(self) -> LayerNode:
         out_args = self.output.inputs
@@ -204,9 +158,13 @@ class TracedModel:
                 "models that return one logits tensor"
             )
         node = out_args[0]
-        # A sigmoid / softmax at the very end is skipped: explanations use the logits.
-        while node.kind in ("output_activation", "identity"):
-            node = node.inputs[0]
+        # A sigmoid / softmax after the head is skipped (explanations use the logits); the walk stops
+        # at the first other node, so a gate's sigmoid inside the network is never taken for it.
+        while node.kind in K.OUTPUT_ACTIVATION_KINDS and node.inputs:
+            data = [i for i in node.inputs if i.data]
+            if len(data) != 1:
+                break
+            node = data[0]
         return node
 
     def _assign_roles(self) -> None:
@@ -231,12 +189,16 @@ class TracedModel:
             frontier.extend(self._consumers[n.name])
 
     def _infer_nonnegative(self) -> None:
-        keeps_sign = {"maxpool", "avgpool", "adaptive_avgpool", "reshape", "identity", "cat"}
         for n in self.nodes:
-            if n.kind == "relu":
+            if n.kind == "relu" or (n.kind == "sigmoid") or _is_relu6(n):
                 n.nonnegative = True
-            elif n.kind in keeps_sign and n.inputs:
-                n.nonnegative = all(i.nonnegative for i in n.inputs if i.kind not in NON_TENSOR_KINDS)
+            elif n.kind in K.SIGN_KEEPING_KINDS and n.inputs:
+                data = [i for i in n.inputs if i.data]
+                n.nonnegative = bool(data) and all(i.nonnegative for i in data)
+            elif n.kind in ("gated_mul", "mul") and n.inputs:
+                data = [i for i in n.inputs if i.data and i.name not in n.passive]
+                n.nonnegative = bool(data) and all(i.nonnegative for i in data) and all(
+                    i.nonnegative for i in n.inputs if i.name in n.passive)
 
     def last_use(self) -> dict[str, list[str]]:
         """node name -> names of the nodes whose output is last read by that node."""
@@ -309,18 +271,33 @@ class TracedModel:
                 return path
         return node.module_path or node.name
 
-    def check_supported(self, has_rule: Callable[[LayerNode], bool], method: str) -> None:
-        """Raise :class:`UnsupportedOpError` naming the first relevant node without a rule."""
+    def unsupported(self, has_rule: Callable[[LayerNode], bool]) -> list[LayerNode]:
+        """Every relevant node that carries relevance and has no rule (``has_rule`` False), in order."""
+        out = []
         for n in self.relevant_nodes():
             if n.kind in ("input", "constant") or n.kind in NON_TENSOR_KINDS:
                 continue
             if n.kind == "unknown" or not has_rule(n):
-                raise UnsupportedOpError(
-                    f"method {method!r} has no rule for node {n.name!r} (op {n.op}"
-                    + (f", module {n.module_path}" if n.module_path else "")
-                    + "); replace the op with a supported one (Conv2d, Linear, BatchNorm, ReLU, pools, "
-                    "add, cat, flatten) or use a gradient method"
-                )
+                out.append(n)
+        return out
+
+    def check_supported(self, has_rule: Callable[[LayerNode], bool], method: str,
+                        alternatives: str = "gradient methods and Grad-CAM") -> None:
+        """Raise one :class:`UnsupportedOpError` listing every relevant node without a rule, with its
+        module path and kind, and the methods that still work (``alternatives``)."""
+        missing = self.unsupported(has_rule)
+        if not missing:
+            return
+        listed = "; ".join(
+            f"node {n.name!r} (op {n.op}" + (f", module {n.module_path}" if n.module_path else "")
+            + (f", in {n.scope}" if n.scope else "") + f", kind {n.kind})"
+            for n in missing[:40]
+        ) + (f"; and {len(missing) - 40} more" if len(missing) > 40 else "")
+        ops = sorted({n.op for n in missing})
+        raise UnsupportedOpError(
+            f"method {method!r} has no rule for {len(missing)} node(s) of {self.model_name} "
+            f"(ops: {', '.join(ops)}): {listed}. These still work on this model: {alternatives}"
+        )
 
 
 _TRACE_CACHE: "weakref.WeakKeyDictionary[nn.Module, TracedModel]" = weakref.WeakKeyDictionary()
@@ -360,6 +337,69 @@ def clear_trace_caches() -> None:
 def _module_stack(node: LayerNode) -> list[str]:
     """Paths of the modules whose forward computed ``node``, outermost first (torch.fx's meta)."""
     return [v[0] for v in node.fx_node.meta.get("nn_module_stack", {}).values()]
+
+
+def _refined_kind(ln: LayerNode) -> str:
+    """The node's kind once its operands are known (see :mod:`.kinds`)."""
+    kind = ln.kind
+    if ln.fx_node.op not in ("call_function", "call_method", "call_module"):
+        return kind
+    if ln.inputs and all(i.kind in NON_TENSOR_KINDS for i in ln.inputs):
+        return "meta"  # integer shape arithmetic: x.size(1) // 2, h * w, torch._assert(…)
+    if kind not in ("add", "sub", "mul", "div"):
+        return kind
+    args = list(ln.fx_node.args[:2])
+    by_name = {i.name: i for i in ln.inputs}
+    operands = [by_name.get(a.name) if isinstance(a, fx.Node) else None for a in args]
+    data = [op is not None and op.data for op in operands]
+    if len(operands) != 2 or set(ln.fx_node.kwargs) - {"out"}:
+        return "unknown" if any(data) else kind  # torch.add(x, y, alpha=…) and the like: no rule
+    if sum(data) == 2:
+        if kind == "div":
+            return "unknown"
+        if kind == "mul":
+            gates = [K.is_gate(op) for op in operands]
+            if gates[0] != gates[1]:
+                ln.passive = frozenset({operands[gates.index(True)].name})
+                return "gated_mul"
+        return kind
+    if sum(data) == 1:
+        if kind in ("add", "sub"):
+            return "constant_add"
+        if kind == "div" and not data[0]:
+            return "unknown"  # c / x is not linear in x
+        const = operands[1 - data.index(True)]
+        if const is not None:
+            ln.passive = frozenset({const.name})
+        return "gated_mul"
+    return kind
+
+
+def _is_relu6(n: LayerNode) -> bool:
+    """ReLU6 / hardtanh(0, 6): an activation whose output is ≥ 0."""
+    if isinstance(n.module, nn.Hardtanh):
+        return n.module.min_val >= 0
+    return n.fx_node.op == "call_function" and n.fx_node.target is F.relu6
+
+
+def _no_inplace_args(node: fx.Node) -> None:
+    """Make a functional call out of place (``F.hardtanh(x, 0, 6, True)``, ``F.silu(x, inplace=True)``)
+    so that no stored activation is overwritten; the graph module is ours, not the user's model."""
+    if node.op != "call_function":
+        return
+    if node.kwargs.get("inplace"):
+        node.kwargs = {**node.kwargs, "inplace": False}
+        return
+    try:
+        import inspect
+
+        params = list(inspect.signature(node.target).parameters)
+    except (TypeError, ValueError):
+        return
+    if "inplace" in params:
+        pos = params.index("inplace")
+        if len(node.args) > pos and node.args[pos] is True:
+            node.args = node.args[:pos] + (False,) + node.args[pos + 1:]
 
 
 def _flat_node_args(node: fx.Node) -> list[fx.Node]:
@@ -442,9 +482,13 @@ def _run_node(ln: LayerNode, args, kwargs, pool_indices) -> Any:
             )
             pool_indices[ln.name] = idx
             return out
+        if getattr(m, "inplace", False) is True:  # ReLU6(inplace=True), SiLU(inplace=True) …
+            m = _out_of_place_twin(ln)
         return m(*args, **kwargs)
     if node.op == "call_function":
         fn = _OUT_OF_PLACE_FUNCTIONS.get(node.target, node.target)
+        if ln.kind == "identity":  # dropout, stochastic depth: the identity in evaluation
+            return args[0]
         if "inplace" in kwargs:
             kwargs["inplace"] = False
         if ln.kind == "maxpool":
@@ -460,6 +504,38 @@ def _run_node(ln: LayerNode, args, kwargs, pool_indices) -> Any:
         self_obj, rest = args[0], args[1:]
         return getattr(self_obj, name)(*rest, **kwargs)
     raise CxrExplainError(f"cannot run node {ln.name!r} (op {node.op})")
+
+
+def _out_of_place_twin(ln: LayerNode) -> nn.Module:
+    """A shallow copy of an in-place activation module with ``inplace=False`` (kept on the node)."""
+    twin = ln.__dict__.get("_twin")
+    if twin is None:
+        import copy
+
+        twin = copy.copy(ln.module)
+        twin.inplace = False
+        ln.__dict__["_twin"] = twin
+    return twin
+
+
+def rerun_arguments(ln: LayerNode, record: ForwardRecord, replace: Optional[dict[str, Any]] = None
+                    ) -> tuple[tuple, dict]:
+    """The node's call arguments with the recorded values of its operands (``replace``: node name ->
+    value to use instead)."""
+    values = record.values
+    replace = replace or {}
+
+    def load(a):
+        return fx.node.map_arg(a, lambda n: replace[n.name] if n.name in replace else values[n.name])
+
+    return load(ln.fx_node.args), dict(load(ln.fx_node.kwargs))
+
+
+def rerun(ln: LayerNode, record: ForwardRecord, replace: dict[str, Any]) -> Any:
+    """Run one node again on its recorded operands, with ``replace`` (node name -> value) substituted:
+    what a structural rule needs to differentiate the node's own op (getitem, chunk, pad …)."""
+    args, kwargs = rerun_arguments(ln, record, replace)
+    return _run_node(ln, args, kwargs, {})
 
 
 def _fetch_attr(gm: nn.Module, target: str):

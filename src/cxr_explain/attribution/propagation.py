@@ -1,7 +1,9 @@
 """The one propagation engine: walk the traced graph backwards, applying each node's rule.
 
 A tensor used by several consumers receives the sum of their relevances (fan-out); each node's
-forward output is freed as soon as its rule has run, so memory peaks near the forward pass.
+forward output is freed as soon as its rule has run, so memory peaks near the forward pass. A node
+whose output is a tuple of tensors (``chunk``, ``split``) carries a tuple of relevances (``None``
+for an item no consumer read), summed item by item.
 Per node we keep Σ R at its output (``layer_sums``) and the relevance its rule lost or created
 (``leaks`` = Σ R_out − Σ R_in), which is how a conservation warning can say where relevance went.
 """
@@ -15,6 +17,7 @@ import torch
 from ..errors import CxrExplainError
 from .graph import ForwardRecord, LayerNode, TracedModel
 from .rules import Rule, Step, per_sample_sum
+from .rules.base import Relevance, add_relevance, carries_data
 
 Tensor = torch.Tensor
 RuleKey = Union[str, tuple[str, str]]
@@ -79,10 +82,12 @@ def propagate(
         rule = method.rule_for(node)
         if rule is None:  # check_supported() ran before; keep a clear message anyway
             raise CxrExplainError(f"method {method.name!r} has no rule for node {node!r}")
-        tensor_inputs = [n for n in node.inputs if isinstance(values.get(n.name), torch.Tensor)]
-        step = Step(node, [values[n.name] for n in tensor_inputs], values[node.name], record, k, cache)
-        outs = rule.backward(step, R)
-        if len(outs) != len(tensor_inputs):
+        tensor_inputs = [n for n in node.inputs if carries_data(values.get(n.name))]
+        step = Step(node, [values[n.name] for n in tensor_inputs], values[node.name], record, k, cache,
+                    input_nodes=tensor_inputs)
+        outs = list(rule.backward(step, R))
+        # a rule may leave out trailing operands that are not data (a norm's γ, β, running stats)
+        if len(outs) > len(tensor_inputs) or any(n.data for n in tensor_inputs[len(outs):]):
             raise CxrExplainError(f"rule {rule!r} returned {len(outs)} relevances for {len(tensor_inputs)} "
                                   f"inputs at node {node!r}")
         if keep_sums and not rule.exact:
@@ -100,8 +105,7 @@ def propagate(
         for inp, r in zip(tensor_inputs, outs):
             if r is None or inp.name not in relevant_names:
                 continue
-            prev = pending.get(inp.name)
-            pending[inp.name] = r if prev is None else prev + r
+            pending[inp.name] = add_relevance(pending.get(inp.name), r)
         del values[node.name]  # every consumer of this node has been processed
     if result is None:
         raise CxrExplainError("no relevance reached the model input: is the input connected to the logits?")

@@ -27,21 +27,47 @@ CONSERVATION_TOLERANCE = 1e-3
 
 
 def structural_rules(**overrides: R.Rule) -> dict[RuleKey, R.Rule]:
-    """Rules for the parameter-free ops, shared by every composite (``overrides`` by kind)."""
+    """Rules for the parameter-free ops, shared by every composite (``overrides`` by kind).
+
+    Element-wise activations pass relevance unchanged (the identity rule, as zennit's ``Pass`` and
+    AttnLRP); shape ops move it back along the same entries; sums, means and pools are proportional;
+    a gated product gives everything to the gated signal (docs/rules.md §9). LayerNorm / GroupNorm
+    get the method's own ``linear`` rule, applied to the norm as a σ-constant linear map (§9.3),
+    unless ``overrides`` name them. A learned constant added to the data (``constant_add``) passes
+    relevance to the data, like the biases the bias-free rules leave out.
+    """
     from .. import rules as R
 
     base: dict[RuleKey, R.Rule] = {
         "relu": R.Pass(),
+        "activation": R.Pass(),
+        "sigmoid": R.Pass(),
         "identity": R.Pass(),
         "batchnorm": R.Pass(),
         "reshape": R.Reshape(),
+        "permute": R.Permute(),
+        "transpose": R.Transpose(),
+        "expand": R.Expand(),
+        "getitem": R.Rearrange(),
+        "split": R.Rearrange(),
+        "pad": R.Rearrange(exact=False),
         "cat": R.Slice(),
         "maxpool": R.WinnerTakesAll(),
         "avgpool": R.Proportional(),
         "adaptive_avgpool": R.Proportional(),
+        "mean": R.Reduce(),
+        "sum": R.Reduce(),
         "add": R.Proportional(),
+        "sub": R.Proportional(),
+        "constant_add": R.ConstantAdd(),
+        "gated_mul": R.GatedProduct(),
+        "mul": R.UniformProduct(),
     }
     base.update(overrides)
+    linear = overrides.get("linear")
+    if linear is not None:
+        base.setdefault("layernorm", linear)
+        base.setdefault("groupnorm", linear)
     return base
 
 
@@ -94,7 +120,7 @@ class PropagationMethod(Method):
 
         traced = trace(request.model)
         rules = self.rule_map(traced)
-        traced.check_supported(rules.has_rule, self.name)
+        traced.check_supported(rules.has_rule, self.name, alternatives(traced))
         problem = self.check_graph(traced)
         if problem:
             raise CxrExplainError(f"{self.name}: {problem}")
@@ -118,6 +144,41 @@ class PropagationMethod(Method):
                     warn_conservation(self, traced, cons, total, explained, res.leaks, res.layer_sums)
         return finish(self.name, self.signed, maps, logits, sel, input_relevance=rel, layer_sums=res.layer_sums,
                       leaks=res.leaks, relevances=res.kept, conservation_error=cons)
+
+
+#: The node kinds of the paper's networks (VGG, ResNet, DenseNet): the ops the RAP authors' code handled.
+CLASSIC_KINDS = {"input", "output", "constant", "meta", "conv", "linear", "batchnorm", "relu", "maxpool", "avgpool",
+                 "adaptive_avgpool", "add", "cat", "reshape", "identity"}
+
+
+def classic_graph(traced: TracedModel) -> bool:
+    """The graph has only the ops the authors' code handled, and no grouped convolution
+    (docs/rules.md §9.5, §9.6): where `rap` keeps the authors' BatchNorm mask and `lrp` their z⁺."""
+    for n in traced.relevant_nodes():
+        if n.kind not in CLASSIC_KINDS:
+            return False
+        if n.kind == "conv" and getattr(n.module, "groups", 1) != 1:
+            return False
+    return True
+
+
+def alternatives(traced: TracedModel) -> str:
+    """The methods that need no rules (gradient and CAM families), for an unsupported-op error;
+    CAM only where the head is global average pool → Linear."""
+    from .. import cam as cam_maps
+    from .base import available_methods, method_class
+
+    names = []
+    for name in available_methods():
+        fam = method_class(name).family
+        if name == "cam":
+            try:
+                cam_maps.cam_head(traced)
+            except CxrExplainError:
+                continue
+        if fam in (Family.GRADIENT, Family.CAM):
+            names.append(name)
+    return ", ".join(names)
 
 
 def conservation_message(method: PropagationMethod, traced: TracedModel, cons: Tensor, total: Tensor,

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Optional
 
 from .base import register
-from .propagation import PropagationMethod, structural_rules
+from .propagation import PropagationMethod, classic_graph, structural_rules
 
 if TYPE_CHECKING:
     from ..graph import TracedModel
@@ -38,17 +38,20 @@ class Rap(PropagationMethod):
         return rules
 
     def graph_rules(self, traced: TracedModel):
-        """RAP's DenseNet extension (docs/rules.md §2.11: BatchNorm is the identity) for DenseNets,
+        """BatchNorm is the identity (``Pass``) in DenseNets (our extension, docs/rules.md §2.11),
         recognised by a BatchNorm that reads a concatenation (a dense layer's norm1; GoogLeNet-style
-        branch concatenations do not count). The authors' mask ``R ⊙ [x ≠ 0]`` (§2.7) is not
-        "practically always 1" in a DenseNet: a dense layer's 1×1 conv can output exactly 0 where all
-        its inputs are 0, norm2 turns that into a bias-only activation, and the mask drops its
-        relevance (Σ map was 8× the logit on a trained model). Passed through, it reaches the conv's
-        hidden rule, whose uniform shift conserves it."""
+        branch concatenations do not count), and in every graph with an op the authors' code never
+        handled: a grouped / depthwise convolution or any op of §9 (§9.5). The authors' mask
+        ``R ⊙ [x ≠ 0]`` (§2.7) is kept for the graphs they ran (VGG, ResNet), where it is in practice
+        all ones. Elsewhere it is not: a convolution outputs exactly 0 where its whole input window is
+        0 (a dense layer's 1×1 conv, a 3×3 depthwise conv after ReLU), the BatchNorm's bias makes that
+        unit active, the next layer sends it relevance and the mask drops it (Σ map was 8× the logit
+        on a trained DenseNet, 2× on a random MobileNetV2). Passed through, it reaches the
+        convolution, whose uniform shift conserves it."""
         from .. import rules as R
 
         dense = any(n.kind == "batchnorm" and n.inputs and n.inputs[0].kind == "cat" for n in traced.nodes)
-        return {"batchnorm": R.Pass()} if dense else {}
+        return {"batchnorm": R.Pass()} if dense or not classic_graph(traced) else {}
 
     def check_graph(self, traced: TracedModel) -> Optional[str]:
         head = [n for n in traced.nodes if n.role == "head"]

@@ -12,7 +12,7 @@ every per-image quantity (z⁺ denominators, first-layer bounds) is computed onc
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Sequence, Union
 
 import torch
 
@@ -42,9 +42,35 @@ def split_kb(t: Tensor, k: int) -> Tensor:
     return t.reshape(k, t.shape[0] // k, *t.shape[1:])
 
 
-def per_sample_sum(t: Tensor) -> Tensor:
-    """Sum over all feature axes of a (K, B, ...) tensor -> (K, B)."""
+#: Relevance at a node: a tensor (K, B, …), or for a node whose output is a tuple of tensors
+#: (chunk, split) a tuple with one relevance (or None) per item.
+Relevance = Union[Tensor, tuple]
+
+
+def per_sample_sum(t: Relevance) -> Tensor:
+    """Sum over all feature axes of a (K, B, ...) tensor -> (K, B); of a tuple, over its items."""
+    if isinstance(t, (tuple, list)):
+        parts = [per_sample_sum(r) for r in t if r is not None]
+        return sum(parts[1:], parts[0])
     return t.reshape(t.shape[0], t.shape[1], -1).sum(-1)
+
+
+def carries_data(value: Any) -> bool:
+    """A recorded value that can carry relevance: a tensor, or a tuple / list of tensors."""
+    if isinstance(value, Tensor):
+        return True
+    return isinstance(value, (tuple, list)) and any(isinstance(v, Tensor) for v in value)
+
+
+def add_relevance(a: Optional[Relevance], b: Optional[Relevance]) -> Optional[Relevance]:
+    """Fan-out: the sum of two relevances at one node (tuples item by item, None as zero)."""
+    if a is None:
+        return b
+    if b is None:
+        return a
+    if isinstance(a, tuple):
+        return tuple(add_relevance(x, y) for x, y in zip(a, b))
+    return a + b
 
 
 @dataclass
@@ -58,6 +84,7 @@ class Step:
     n_targets: int
     cache: dict[Any, Any] = field(default_factory=dict)  # modified weights, kept with the traced model
     leak: Optional[Tensor] = None  # (K, B) relevance the rule lost, when the rule knows it
+    input_nodes: Sequence[LayerNode] = ()  # the graph nodes of ``inputs``, same order
 
     @property
     def x(self) -> Tensor:

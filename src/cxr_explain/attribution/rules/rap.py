@@ -1,5 +1,5 @@
 """RAP's rules: the first step at the head and the hidden relative-influence rule with the uniform
-shift (docs/rules.md §2.2, §2.3)."""
+shift (docs/rules.md §2.2, §2.3) and its signed-input branch (§9.5)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -7,8 +7,8 @@ from typing import Optional
 import torch
 
 from ...errors import CxrExplainError
-from .base import Rule, Tensor, merge_kb, per_sample_sum, safe_inverse, sdiv, split_kb
-from .linear import LinearMap, modified_weights
+from .base import Rule, Tensor, merge_kb, per_sample_sum, sdiv, split_kb
+from .linear import LinearMap, linear_map
 
 
 class RapFirstStep(Rule):
@@ -66,16 +66,25 @@ class RapFirstStep(Rule):
 
 class RapHidden(Rule):
     """RAP's hidden Linear/Conv rule: relative influence with inhibitory double counting and the
-    uniform shift (docs/rules.md §2.3), positive-input branch (inputs are post-ReLU, the a⁻ branch is 0).
+    uniform shift (docs/rules.md §2.3), with the signed-input branch (§9.5). It also runs on
+    LayerNorm / GroupNorm through their σ-constant linear map (§9.3, Conv form).
 
-    With ``x = a⁺``: ``P_j = Σ_i x_i W⁺_ji``, ``N_j = −Σ_i x_i W⁻_ji`` (computed as ``P − z`` from the
-    stored pre-activation ``z``, one extra convolution instead of two), then
+    Non-negative input ``x = a⁺`` (post-ReLU: VGG, ResNet, DenseNet): ``P_j = Σ_i x_i W⁺_ji``,
+    ``N_j = −Σ_i x_i W⁻_ji`` (computed as ``P − z`` from the stored pre-activation ``z``, one extra
+    convolution instead of two), then
 
     * Conv: ``C_i = x_i Σ_j [W⁺_ji R⁺_j/P_j + |W⁻_ji| R⁻_j/N_j + |W⁻_ji| R_j/(P_j+N_j)]``
     * Linear: ``C_i = x_i Σ_j [W⁺_ji R_j/P_j + |W⁻_ji| R_j/(P_j+N_j)]``
 
-    (safe divisions; the first two terms zeroed where P+N = 0, the last where N = 0); then
-    ``Γ = #{i: C_i ≠ 0}`` per sample over the whole input, ``δ = sdiv(ΣC − ΣR, Γ)``,
+    (safe divisions; the first two terms zeroed where P+N = 0, the last where N = 0).
+
+    Signed input (SiLU / GELU / a norm before the layer): the authors' second branch runs the same
+    formula on ``|a⁻|`` with ``P'_j = Σ_i |a⁻_i| W⁺_ji`` and ``N'_j = Σ_i |a⁻_i| |W⁻_ji|``. Ours: each
+    output's ``R_j`` is first split between the two branches in proportion to their total
+    magnitude, ``R_j·(P_j+N_j)/T_j`` and ``R_j·(P'_j+N'_j)/T_j`` with ``T_j = P_j+N_j+P'_j+N'_j``, and
+    the sum of both branches is shifted once (the authors shift each branch to ΣR, giving 2·ΣR).
+
+    Then ``Γ = #{i: C_i ≠ 0}`` per sample over the whole input, ``δ = sdiv(ΣC − ΣR, Γ)``,
     ``C_i ← C_i − δ`` where ``C_i ≠ 0``.
     """
 
@@ -85,36 +94,58 @@ class RapHidden(Rule):
         self.shift = shift
 
     def backward(self, step, R):
-        lm = LinearMap(step.node.module, step.node)
-        signed = not step.x_nonnegative and bool((step.x < 0).any())
-        x = step.x.clamp(min=0) if signed else step.x
-        Wp = modified_weights(step, lm, "pos")
-        P = lm.forward(x, Wp)
-        z = step.output
-        if lm.bias is not None:
-            z = z - lm.bias_shape(z).detach()
-        if signed:
-            # signed input: z is not P − N any more; compute N directly
-            N = -lm.forward(x, modified_weights(step, lm, "neg"))
-        else:
-            N = (P - z).clamp(min=0)
-        # P, N ≥ 0, so P ≠ 0 or N ≠ 0 already implies P + N ≠ 0: the spec's extra masks are implied.
-        inv_p = safe_inverse(P)
-        inv_pn = safe_inverse(P + N).masked_fill_(N == 0, 0)  # the last term is zero where N = 0
-        if lm.is_conv:
-            s_pos = R.clamp(min=0) * inv_p
-            s_neg = R.clamp(max=0) * safe_inverse(N) + R * inv_pn
-        else:
-            s_pos = R * inv_p
-            s_neg = R * inv_pn
+        lm = linear_map(step)
+        x = step.x
         k = R.shape[0]
-        g = lm.transpose(merge_kb(s_pos), Wp, x.shape[1:])
-        g = g + lm.transpose(merge_kb(s_neg), modified_weights(step, lm, "negabs"), x.shape[1:])
-        C = x.unsqueeze(0) * split_kb(g, k)
+        conv = lm.rap_conv_form
+        signed = not step.x_nonnegative and bool(x.min() < 0)
+        if not signed:
+            P = lm.apply(step, x, "pos")
+            N = (P - lm.preactivation(step)).clamp_(min=0)
+            inv_pn = _inverse(P + N)
+            s_pos, s_neg = _slots(R, R * inv_pn, P, N, conv)
+            g = lm.apply_t(step, merge_kb(s_pos), ["pos"], x.shape[1:])[0]
+            g += lm.apply_t(step, merge_kb(s_neg), ["negabs"], x.shape[1:])[0]
+            C = x.unsqueeze(0) * split_kb(g, k)
+        else:
+            xp, xn = x.clamp(min=0), (-x).clamp_(min=0)  # a⁺ and |a⁻|
+            P, N = lm.apply(step, xp, "pos"), lm.apply(step, xp, "negabs")
+            Pn, Nn = lm.apply(step, xn, "pos"), lm.apply(step, xn, "negabs")
+            mag_p, mag_n = P + N, Pn + Nn
+            u = R * _inverse(mag_p + mag_n)  # R_j / T_j: each branch gets u·(P+N) resp. u·(P'+N')
+            s1, s2 = _slots(u * mag_p, u, P, N, conv)
+            s3, s4 = _slots(u * mag_n, u, Pn, Nn, conv)
+            # one back-projection per weight modifier, both branches stacked along the batch
+            n = s1.shape[0] * s1.shape[1]
+            g = lm.apply_t(step, torch.cat([merge_kb(s1), merge_kb(s3)]), ["pos"], x.shape[1:])[0]
+            g += lm.apply_t(step, torch.cat([merge_kb(s2), merge_kb(s4)]), ["negabs"], x.shape[1:])[0]
+            C = xp.unsqueeze(0) * split_kb(g[:n], k)
+            C.addcmul_(xn.unsqueeze(0), split_kb(g[n:], k))
         if self.shift:
             C, gamma = uniform_shift(C, per_sample_sum(R))
             step.leak = per_sample_sum(R) * (gamma == 0)  # all of R is lost only where nothing is active
         return [C]
+
+
+def _inverse(d: Tensor) -> Tensor:
+    """``1/d`` where ``d ≠ 0``, else 0 (the mask only when a zero occurs)."""
+    zero = d == 0
+    inv = torch.reciprocal(d)
+    return inv.masked_fill_(zero, 0) if bool(zero.any()) else inv
+
+
+def _slots(R: Tensor, R_over_pn: Tensor, P: Tensor, N: Tensor, conv_form: bool) -> tuple[Tensor, Tensor]:
+    """The relevance per unit of excitation (``s⁺``, through W⁺) and of inhibition (``s⁻``, through
+    |W⁻|) of docs/rules.md §2.3, given ``R`` and ``R/(P+N)`` (safe): Conv form ``s⁺ = R⁺/P``,
+    ``s⁻ = R⁻/N + R/(P+N)``; Linear form ``s⁺ = R/P``, ``s⁻ = R/(P+N)``; safe divisions.
+
+    The authors also zero the ``R/(P+N)`` term where N = 0; that changes nothing, so it is left out:
+    with P, N ≥ 0 built from x ≥ 0, N_j = 0 means every input i of output j has x_i |W⁻_ji| = 0, so
+    output j's inhibitory term reaches C_i = x_i Σ_j |W⁻_ji| s⁻_j as an exact 0 (for finite s⁻_j)."""
+    if conv_form:
+        s_neg = R.clamp(max=0).mul_(_inverse(N)).add_(R_over_pn)
+        return R.clamp(min=0).mul_(_inverse(P)), s_neg
+    return R * _inverse(P), R_over_pn
 
 
 def uniform_shift(C: Tensor, target_sum: Tensor) -> tuple[Tensor, Tensor]:

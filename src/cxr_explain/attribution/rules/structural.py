@@ -99,7 +99,7 @@ class Proportional(Rule):
     """The z-rule for parameter-free linear ops (average pools, ``+``): ``R_i = x_i Σ_j J_ji R_j / z_j``.
 
     For ``+`` with ``s = a + b``: ``R_a = a·sdiv(R, s)``, ``R_b = b·sdiv(R, s)`` (sign-unaware,
-    docs/rules.md §2.8). Average pools use the pool's transposed map. ``stabilizer`` adds ``ε·sign(z)``
+    docs/rules.md §2.8); for ``s = a − b``: ``R_b = −b·sdiv(R, s)``. Average pools use the pool's transposed map. ``stabilizer`` adds ``ε·sign(z)``
     to the denominator instead of the safe division (zennit's ``Norm``-like behaviour).
     """
 
@@ -118,6 +118,9 @@ class Proportional(Rule):
         s = self._div(R, step.output)
         if kind == "add":
             return [_unbroadcast(t * s, t.shape) for t in step.inputs]
+        if kind == "sub":  # s = a − b: the contributions are a and −b
+            a, b = step.inputs
+            return [_unbroadcast(a * s, a.shape), _unbroadcast(-b * s, b.shape)]
         k = R.shape[0]
         x = step.x
         big = x.new_empty((k * x.shape[0], *x.shape[1:]))
