@@ -150,3 +150,29 @@ def test_projection_views_read_the_live_weights():
     with torch.no_grad():
         model.mha.in_proj_weight.mul_(2.0)  # in place, after tracing
         torch.testing.assert_close(record_forward(traced, x)[traced.logits], model(x), rtol=1e-12, atol=1e-12)
+
+
+def test_swin_partition_relevance_is_the_transposed_selection():
+    """Reindex on Swin's window partition (padding and shift) equals Pᵀ R for the 0/1 matrix P of the
+    op, built by applying it to basis vectors."""
+    shape, window, shift = (1, 4, 5, 2), [3, 3], [1, 1]
+    n = int(np.prod(shape))
+    basis = torch.eye(n, dtype=F64).reshape(n, *shape[1:])
+    P = torch.cat([D.swin_partition(b.unsqueeze(0), window, shift).reshape(1, -1) for b in basis]).T  # (out, in)
+    assert set(P.unique().tolist()) <= {0.0, 1.0} and bool((P.sum(1) <= 1).all())
+    rng = np.random.default_rng(0)
+    x = torch.tensor(rng.normal(size=shape))
+
+    class Part(nn.Module):
+        def forward(self, x):
+            return swin_partition(x.reshape(1, 4, 5, 2), window, shift).flatten(1)
+
+    traced = trace(Part())
+    node = next(n for n in traced.nodes if n.kind == "reindex")
+    rec = record_forward(traced, x.reshape(1, 2, 4, 5))
+    out = rec[node]
+    Rout = torch.tensor(rng.normal(size=(2, *out.shape)))
+    got = R.Reindex().backward(R.Step(node, [rec[node.inputs[0]]], out, rec, 2, {}, input_nodes=node.inputs[:1]),
+                               Rout)[0]
+    ref = (Rout.reshape(2, -1) @ P).reshape(2, *shape)
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
