@@ -176,3 +176,142 @@ def test_swin_partition_relevance_is_the_transposed_selection():
                                Rout)[0]
     ref = (Rout.reshape(2, -1) @ P).reshape(2, *shape)
     torch.testing.assert_close(got, ref, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------
+# Exact identities on small attention networks (only ops the engine had before transformers)
+# ------------------------------------------------------------------------------------------
+
+
+def half(t: torch.Tensor) -> torch.Tensor:
+    """The value of ``t`` with half its gradient: AttnLRP's uniform rule as a modified gradient."""
+    return 0.5 * t + 0.5 * t.detach()
+
+
+class ToyExplicit(nn.Module):
+    """softmax(q kᵀ + bias) v spelled out with matmuls: data @ constant, constant @ data, data @ data."""
+
+    def __init__(self):
+        super().__init__()
+        self.wq, self.wk, self.wv = (nn.Parameter(torch.randn(*s) * 0.4) for s in ((12, 8), (8, 12), (12, 8)))
+        self.bias = nn.Parameter(torch.randn(16, 16) * 0.3)
+        self.head = nn.Linear(16 * 8, 3)
+
+    def forward(self, x, mode: str = "plain"):
+        t = x.reshape(x.shape[0], 16, 12)
+        q, kt, v = torch.matmul(t, self.wq), torch.matmul(self.wk, x.reshape(x.shape[0], 12, 16)), t @ self.wv
+        if mode == "attnlrp":
+            q, kt = half(q), half(kt)
+        a = torch.softmax(torch.matmul(q, kt) + self.bias, dim=-1)
+        if mode == "attnlrp":
+            a, v = half(a), half(v)
+        elif mode == "cp":
+            a = a.detach()
+        return self.head(torch.matmul(a, v).flatten(1))
+
+
+def reference_mha(mha: nn.MultiheadAttention, x: torch.Tensor, mode: str) -> torch.Tensor:
+    """nn.MultiheadAttention (batch first, self-attention) written out, with AttnLRP's halved
+    gradients (``attnlrp``) or detached attention weights (``cp``)."""
+    n, length, e = x.shape
+    q, k, v = (t.reshape(n, length, mha.num_heads, -1).transpose(1, 2)
+               for t in F.linear(x, mha.in_proj_weight, mha.in_proj_bias).chunk(3, -1))
+    return mha.out_proj(reference_attention(q, k, v, mode).transpose(1, 2).reshape(n, length, e))
+
+
+def reference_attention(q, k, v, mode: str) -> torch.Tensor:
+    """softmax(q kᵀ/√d) v with AttnLRP's halved gradients or CP-LRP's detached weights."""
+    if mode == "attnlrp":
+        q, k = half(q), half(k)
+    a = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), -1)
+    if mode == "attnlrp":
+        a, v = half(a), half(v)
+    elif mode == "cp":
+        a = a.detach()
+    return a @ v
+
+
+class ToyBlock(nn.Module):
+    """Token embedding, a residual nn.MultiheadAttention or scaled_dot_product_attention block, a
+    residual ReLU MLP, a Linear head over all tokens."""
+
+    def __init__(self, sdpa: bool = False):
+        super().__init__()
+        self.sdpa = sdpa
+        self.embed = nn.Linear(12, 8)
+        self.mha = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.q, self.k, self.v, self.out = (nn.Linear(8, 8) for _ in range(4))
+        self.fc = nn.Linear(8, 8)
+        self.head = nn.Linear(16 * 8, 3)
+
+    def forward(self, x, mode: str = "plain"):
+        b = x.shape[0]
+        t = self.embed(x.reshape(b, 16, 12))
+        if self.sdpa:  # heads cut by a reshape only: (B, 16, 8) -> (B, 2, 16, 4)
+            q, k, v = (lin(t).reshape(b, 2, 16, 4) for lin in (self.q, self.k, self.v))
+            o = F.scaled_dot_product_attention(q, k, v) if mode == "plain" else reference_attention(q, k, v, mode)
+            att = self.out(o.reshape(b, 16, 8))
+        elif mode == "plain":
+            att = self.mha(t, t, t, need_weights=False)[0]
+        else:
+            att = reference_mha(self.mha, t, mode)
+        t = t + att
+        t = t + self.fc(torch.relu(t))
+        return self.head(t.flatten(1))
+
+
+def modified_gradient_x_input(model: nn.Module, x: torch.Tensor, target: int, mode: str) -> torch.Tensor:
+    xg = x.detach().requires_grad_(True)
+    (g,) = torch.autograd.grad(model(xg, mode=mode)[:, target].sum(), xg)
+    return (xg * g).detach()
+
+
+@pytest.mark.parametrize("cp", [False, True])
+def test_attnlrp_equals_gradient_x_input_with_halved_or_detached_products(cp):
+    """AttnLRP with ε = 0 is gradient × input of the network whose bilinear products pass half the
+    gradient to each operand (CP-LRP: whose attention weights are detached), docs/rules.md §10.7."""
+    from cxr_explain.attribution import explain
+
+    torch.manual_seed(3)
+    model = ToyExplicit().to(F64).eval()
+    x = images(2, 8)
+    exp = explain(model, x, "attnlrp", target=1, epsilon=0.0, cp=cp, return_input_relevance=True)
+    ref = modified_gradient_x_input(model, x, 1, "cp" if cp else "attnlrp")
+    torch.testing.assert_close(exp.input_relevance, ref, rtol=1e-9, atol=1e-12 * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("sdpa", [False, True])
+@pytest.mark.parametrize("cp", [False, True])
+def test_attnlrp_through_multihead_attention_and_sdpa_equals_the_identity(sdpa, cp):
+    from cxr_explain.attribution import explain
+
+    torch.manual_seed(4)
+    model = randomise(ToyBlock(sdpa)).to(F64)
+    x = images(2, 8)
+    exp = explain(model, x, "attnlrp", target=[[0, 2]] * 2, epsilon=0.0, cp=cp, return_input_relevance=True)
+    for j, t in enumerate((0, 2)):
+        ref = modified_gradient_x_input(model, x, t, "cp" if cp else "attnlrp")
+        torch.testing.assert_close(exp.input_relevance[:, j], ref, rtol=1e-9, atol=1e-12 * float(ref.abs().max()))
+
+
+def zero_biases(model: nn.Module) -> nn.Module:
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.zero_()
+    return model
+
+
+@pytest.mark.parametrize("sdpa", [False, True])
+def test_cp_lrp_conserves_without_biases_and_rap_conserves_with_them(sdpa):
+    from cxr_explain.attribution import explain
+
+    torch.manual_seed(5)
+    model = randomise(ToyBlock(sdpa)).to(F64)
+    x = images(3, 8)
+    rap = explain(model, x, "rap", target=[[1, 2]] * 3)
+    assert float(rap.conservation_error.max()) < 1e-8
+    exp = explain(zero_biases(model), x, "attnlrp", target=[[1, 2]] * 3, cp=True, epsilon=0.0)
+    assert float(exp.conservation_error.max()) < 1e-10
+    full = explain(model, x, "attnlrp", target=[[1, 2]] * 3, epsilon=0.0)
+    assert float(full.conservation_error.max()) > 1e-6  # the softmax expansion's bias: reported, not hidden

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Optional
 
 from .base import register
-from .propagation import PropagationMethod, classic_graph, structural_rules
+from .propagation import PropagationMethod, attention_rules, classic_graph, structural_rules
 
 if TYPE_CHECKING:
     from ..graph import TracedModel
@@ -30,8 +30,10 @@ class Rap(PropagationMethod):
         from .. import rules as R
 
         hidden = R.RapHidden(shift=self.shift)
+        # attention (ours, docs/rules.md §10.9): CP-LRP's, the conserving one; AttnLRP's softmax rule
+        # loses the share of its linearisation's bias, which RAP's Σ map = logit cannot absorb
         rules = structural_rules(conv=hidden, linear=hidden, batchnorm=R.MaskedPass(),
-                                 maxpool=R.WinnerTakesAll(zero_windows="argmax"))
+                                 maxpool=R.WinnerTakesAll(zero_windows="argmax"), **attention_rules(cp=True))
         rules[("linear", "head")] = R.RapFirstStep()
         rules[("conv", "first")] = R.zbox("safe")
         rules[("linear", "first")] = R.zbox("safe")
