@@ -315,3 +315,38 @@ def test_cp_lrp_conserves_without_biases_and_rap_conserves_with_them(sdpa):
     assert float(exp.conservation_error.max()) < 1e-10
     full = explain(model, x, "attnlrp", target=[[1, 2]] * 3, epsilon=0.0)
     assert float(full.conservation_error.max()) > 1e-6  # the softmax expansion's bias: reported, not hidden
+
+
+
+
+class ToyClassToken(nn.Module):
+    """A learned token concatenated in front of the embedded tokens (for a batch of 2), attention,
+    and the head reading the whole sequence."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(12, 8)
+        self.token = nn.Parameter(torch.randn(2, 1, 8))
+        self.mha = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(17 * 8, 3)
+
+    def forward(self, x):
+        t = torch.cat([self.token, self.embed(x.reshape(x.shape[0], 16, 12))], dim=1)
+        t = t + self.mha(t, t, t, need_weights=False)[0]
+        return self.head(t.flatten(1))
+
+
+def test_rap_shifts_a_class_tokens_share_back_onto_the_data():
+    from cxr_explain.attribution import explain
+
+    torch.manual_seed(6)
+    model = randomise(ToyClassToken()).to(F64)
+    x = images(2, 8)
+    exp = explain(model, x, "rap", target=[[0, 1]] * 2, keep_relevance=["cat"])
+    assert float(exp.conservation_error.max()) < 1e-8
+    at_cat = exp.relevances["cat"]  # (B, K, 17, 8): the class token's row is not zero …
+    assert float(at_cat[:, :, 0].abs().min()) > 0
+    # … and the data rows received it through the uniform shift: Σ data rows = Σ at the cat
+    emb = exp.layer_sums  # the shift happens at the cat node, the embedding then passes it on
+    lin = next(k for k in emb if k.startswith("embed"))
+    torch.testing.assert_close(emb[lin], at_cat.sum((2, 3)), rtol=1e-10, atol=1e-10)

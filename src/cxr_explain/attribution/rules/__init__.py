@@ -13,13 +13,13 @@ from .gating import ConstantAdd, GatedProduct, UniformProduct
 from .linear import (WEIGHT_MODS, Combined, LinearMap, Term, ZRule, alpha_beta, cached_for_weight, epsilon, flat,
                      linear_map, modified_weights, ones_response, wsquare, zbox, zplus)
 from .norms import NormMap
-from .rap import RapFirstStep, RapHidden, uniform_shift
+from .rap import RapConstantCat, RapFirstStep, RapHidden, uniform_shift
 from .reductions import Reduce
 from .shape import Expand, Permute, Rearrange, Transpose, unbroadcast
 from .structural import MaskedPass, Pass, Proportional, Reshape, Slice, WinnerTakesAll
 
 __all__ = ["WEIGHT_MODS", "Attention", "Blocked", "Combined", "ConstantAdd", "Expand", "GatedProduct", "LinearMap",
-           "MaskedPass", "Matmul", "NormMap", "Pass", "Permute", "Proportional", "RapFirstStep", "RapHidden",
+           "MaskedPass", "Matmul", "NormMap", "Pass", "Permute", "Proportional", "RapConstantCat", "RapFirstStep", "RapHidden",
            "Rearrange", "Reduce", "Reindex", "Reshape", "Rule", "Slice", "SoftmaxLinearised", "Step", "Term",
            "Transpose", "UniformProduct", "WinnerTakesAll", "ZRule", "alpha_beta", "cached_for_weight", "epsilon",
            "flat", "linear_map", "merge_kb", "modified_weights", "ones_response", "per_sample_sum", "safe_inverse",
