@@ -317,8 +317,6 @@ def test_cp_lrp_conserves_without_biases_and_rap_conserves_with_them(sdpa):
     assert float(full.conservation_error.max()) > 1e-6  # the softmax expansion's bias: reported, not hidden
 
 
-
-
 class ToyClassToken(nn.Module):
     """A learned token concatenated in front of the embedded tokens (for a batch of 2), attention,
     and the head reading the whole sequence."""
@@ -350,3 +348,149 @@ def test_rap_shifts_a_class_tokens_share_back_onto_the_data():
     emb = exp.layer_sums  # the shift happens at the cat node, the embedding then passes it on
     lin = next(k for k in emb if k.startswith("embed"))
     torch.testing.assert_close(emb[lin], at_cat.sum((2, 3)), rtol=1e-10, atol=1e-10)
+
+
+# ------------------------------------------------------------------------------------------
+# torchvision's ViT: the exact identities of docs/rules.md §10.7, and LXT
+# ------------------------------------------------------------------------------------------
+
+
+def reference_layer_norm(ln: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    """LayerNorm with its scale σ detached (the σ-constant linear map of docs/rules.md §9)."""
+    mean = x.mean(-1, keepdim=True)
+    std = (((x - mean) ** 2).mean(-1, keepdim=True) + ln.eps).sqrt().detach()
+    return (x - mean) / std * ln.weight + ln.bias
+
+
+def reference_gelu(x: torch.Tensor) -> torch.Tensor:
+    """GELU with its gate Φ(x) detached (the identity rule as a gradient)."""
+    return x * (0.5 * (1 + torch.erf(x / math.sqrt(2)))).detach()
+
+
+def reference_vit(model, x: torch.Tensor, mode: str) -> torch.Tensor:
+    """torchvision's VisionTransformer written out from its parameters, with LayerNorm's σ and GELU's
+    gate detached and the attention modified as ``mode`` says (see :func:`reference_attention`)."""
+    n = x.shape[0]
+    t = model.conv_proj(x).reshape(n, model.hidden_dim, -1).permute(0, 2, 1)
+    t = torch.cat([model.class_token.expand(n, -1, -1), t], 1) + model.encoder.pos_embedding
+    for block in model.encoder.layers:
+        t = t + reference_mha(block.self_attention, reference_layer_norm(block.ln_1, t), mode)
+        t = t + block.mlp[3](reference_gelu(block.mlp[0](reference_layer_norm(block.ln_2, t))))
+    return model.heads.head(reference_layer_norm(model.encoder.ln, t)[:, 0])
+
+
+class ReferenceViT(nn.Module):
+    def __init__(self, model, mode):
+        super().__init__()
+        self.model, self.mode = model, mode
+
+    def forward(self, x, mode=None):
+        return reference_vit(self.model, x, self.mode)
+
+
+@pytest.mark.parametrize("cp", [True, False])
+def test_vit_attnlrp_equals_gradient_x_input_of_the_network_with_those_quantities_detached(cp):
+    """THE exact identity on a whole ViT (float64): LRP with ε = 0 through patch embedding, class
+    token, position embedding, LayerNorm (σ constant), attention (CP-LRP: weights constant; AttnLRP:
+    halved products), GELU (identity rule), residuals and head equals gradient × input of the
+    same network with those quantities detached."""
+    from cxr_explain.attribution import explain
+
+    model = randomise(tv_vit()).to(F64)
+    x = images(2, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(reference_vit(model, x, "plain"), model(x), rtol=1e-12, atol=1e-12)
+    exp = explain(model, x, "attnlrp", target=[[0, 3]] * 2, epsilon=0.0, cp=cp, return_input_relevance=True)
+    ref_model = ReferenceViT(model, "cp" if cp else "attnlrp")
+    for j, t in enumerate((0, 3)):
+        ref = modified_gradient_x_input(ref_model, x, t, "plain")
+        torch.testing.assert_close(exp.input_relevance[:, j], ref, rtol=0, atol=1e-6 * float(ref.abs().max()))
+
+
+def _lxt_vit_patches():
+    """LXT's torchvision-ViT recipe (its ``cp_LRP`` map), loaded without ``lxt.efficient``'s package
+    import, which pulls in Hugging Face patches that fail with the installed ``transformers``."""
+    import os
+    import sys
+    import types
+    from functools import partial
+
+    import lxt
+
+    if "lxt.efficient" not in sys.modules:
+        pkg = types.ModuleType("lxt.efficient")
+        pkg.__path__ = [os.path.join(os.path.dirname(lxt.__file__), "efficient")]
+        sys.modules["lxt.efficient"] = pkg
+    from lxt.efficient.patches import (cp_multi_head_attention_forward, layer_norm_forward, non_linear_forward,
+                                       patch_method)
+
+    return {nn.GELU: partial(patch_method, non_linear_forward, keep_original=True),
+            nn.LayerNorm: partial(patch_method, layer_norm_forward),
+            nn.MultiheadAttention: partial(patch_method, cp_multi_head_attention_forward, keep_original=True)}
+
+
+def test_vit_cp_lrp_equals_lxt():
+    """Our attnlrp(cp) with ε = 0 equals LXT's CP-LRP recipe for torchvision's ViT (gradient × input
+    through its patched GELU, LayerNorm and attention) in float64."""
+    from cxr_explain.attribution import explain
+
+    model = randomise(tv_vit()).to(F64)
+    x = images(2, 32)
+    ours = explain(model, x, "attnlrp", target=1, epsilon=0.0, cp=True, return_input_relevance=True).input_relevance
+    saved = {cls: cls.__dict__.get("forward") for cls in (nn.GELU, nn.LayerNorm, nn.MultiheadAttention)}
+    try:
+        for cls, patch in _lxt_vit_patches().items():
+            patch(cls)
+        xg = x.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(model(xg)[:, 1].sum(), xg)
+    finally:
+        for cls, fwd in saved.items():
+            cls.forward = fwd
+            if "original_forward" in cls.__dict__:
+                delattr(cls, "original_forward")
+    lxt_map = (xg * g).detach()
+    torch.testing.assert_close(ours, lxt_map, rtol=0, atol=1e-6 * float(lxt_map.abs().max()))
+
+
+# ------------------------------------------------------------------------------------------
+# Coverage and conservation on the four models
+# ------------------------------------------------------------------------------------------
+
+
+def zero_additive_parameters(model: nn.Module) -> nn.Module:
+    """Every bias, LayerNorm shift, class token and position embedding set to 0."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            last = name.split(".")[-1]
+            if last.endswith("bias") or "token" in last or "pos_embed" in last:
+                p.zero_()
+    return model
+
+
+@pytest.mark.parametrize("arch", list(MODELS))
+def test_methods_produce_maps_on_transformers(arch):
+    from cxr_explain.attribution import explain
+
+    build, size = MODELS[arch]
+    model = randomise(build())
+    x = images(2, size).float()
+    for method in ("lrp", "rap", "attnlrp", "gradient"):
+        exp = explain(model, x, method, target=[[0, 2]] * 2, check_conservation=False)
+        assert exp.maps.shape == (2, 2, size, size) and bool(torch.isfinite(exp.maps).all()), method
+        assert float(exp.maps.abs().max()) > 0, method
+
+
+@pytest.mark.parametrize("arch", list(MODELS))
+def test_rap_conserves_and_cp_lrp_conserves_without_biases(arch):
+    from cxr_explain.attribution import explain
+
+    build, size = MODELS[arch]
+    model = randomise(build()).to(F64)
+    x = images(2, size)
+    rap = explain(model, x, "rap", target=[[0, 2]] * 2)
+    assert float(rap.conservation_error.max()) < 1e-8, arch
+    errors = {cp: explain(model, x, "attnlrp", target=[[0, 2]] * 2, cp=cp).conservation_error for cp in (False, True)}
+    cons = explain(zero_additive_parameters(model), x, "attnlrp", target=[[0, 2]] * 2, cp=True, epsilon=0.0)
+    assert float(cons.conservation_error.max()) < 1e-6, arch
+    print(f"{arch}: attnlrp conservation error with biases {float(errors[False].max()):.3g}, "
+          f"cp {float(errors[True].max()):.3g}")
