@@ -93,6 +93,12 @@ def test_decomposed_graph_computes_the_model(arch):
         ref = model(x)
         got = record_forward(traced, x)[traced.logits]
     torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    # roles: the patch embedding is the only first layer (the class token's expand to the batch size
+    # reads the input's shape, not its data), the classifier the head
+    assert [n.module_path for n in traced.nodes if n.role == "first"] == \
+        [{"tv_vit": "conv_proj", "tv_swin": "features.0.0"}.get(arch, "patch_embed.proj")]
+    assert [n.module_path for n in traced.nodes if n.role == "head"] == \
+        [{"tv_vit": "heads.head", "tv_swin": "head", "timm_vit": "head"}.get(arch, "head.fc")]
 
 
 class CrossAttention(nn.Module):

@@ -178,12 +178,13 @@ class TracedModel:
             node = node.inputs[0]
         if node.kind in ("linear", "conv"):
             node.role = "head"
-        # first: conv/linear layers reached from the input through parameter-free nodes only
+        # first: conv/linear layers reached from the input through parameter-free nodes only, along
+        # data (not along a shape query: a ViT's class token is expanded to x.shape[0])
         frontier = list(self._consumers[self.input.name])
         seen = set()
         while frontier:
             n = frontier.pop()
-            if n.name in seen:
+            if n.name in seen or not n.data:
                 continue
             seen.add(n.name)
             if n.kind in ("conv", "linear"):
