@@ -14,6 +14,7 @@ max-pool indices, which is all the rules need: no layer forward is re-run during
 from __future__ import annotations
 
 import difflib
+import inspect
 import operator
 import weakref
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import CxrExplainError, TraceError, UnsupportedOpError
+from . import decompose as _decompose_mod
 from . import kinds as K
 from .kinds import FUNCTION_KINDS, METHOD_KINDS, MODULE_KINDS, NON_TENSOR_KINDS  # noqa: F401  (re-exported)
 
@@ -82,7 +84,7 @@ class TracedModel:
         # held its key would keep every traced model (and its cached modified weights) alive forever.
         self.model_name = type(model).__name__
         try:
-            self.graph_module = fx.symbolic_trace(model)
+            self.graph_module = fx.symbolic_trace(model, concrete_args=_default_args(model) or None)
         except Exception as exc:  # torch.fx raises many types; report one line
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise TraceError(
@@ -90,6 +92,8 @@ class TracedModel:
                 "model without data-dependent control flow: wrap the classifier in a plain nn.Module "
                 "(gradient and CAM-family methods run without the trace)"
             ) from None
+        _drop_specialised_inputs(self.graph_module)
+        _decompose_mod.decompose(self.graph_module, model)
         self.modules = dict(self.graph_module.named_modules())
         self.nodes: list[LayerNode] = []
         by_fx: dict[fx.Node, LayerNode] = {}
@@ -134,7 +138,7 @@ class TracedModel:
             return "constant", None, None
         if node.op == "call_module":
             module = self.modules[node.target]
-            return K.module_kind(module), module, node.target
+            return K.module_kind(module), module, node.meta.get("cxr_module_path", node.target)
         if node.op in ("call_function", "call_method"):
             return K.call_kind(node.op, node.target, node.args), None, None
         return "unknown", None, None
@@ -174,12 +178,13 @@ class TracedModel:
             node = node.inputs[0]
         if node.kind in ("linear", "conv"):
             node.role = "head"
-        # first: conv/linear layers reached from the input through parameter-free nodes only
+        # first: conv/linear layers reached from the input through parameter-free nodes only, along
+        # data (not along a shape query: a ViT's class token is expanded to x.shape[0])
         frontier = list(self._consumers[self.input.name])
         seen = set()
         while frontier:
             n = frontier.pop()
-            if n.name in seen:
+            if n.name in seen or not n.data:
                 continue
             seen.add(n.name)
             if n.kind in ("conv", "linear"):
@@ -400,6 +405,42 @@ def _no_inplace_args(node: fx.Node) -> None:
         pos = params.index("inplace")
         if len(node.args) > pos and node.args[pos] is True:
             node.args = node.args[:pos] + (False,) + node.args[pos + 1:]
+
+
+def _default_args(model: nn.Module) -> dict[str, Any]:
+    """forward's parameters after the image that have defaults (timm's ``attn_mask=None``),
+    fixed to those defaults for tracing: the engine explains one image input."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return {}
+    return {p.name: p.default for p in params
+            if p.default is not inspect.Parameter.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def _is_check(node: fx.Node) -> bool:
+    return node.op == "call_function" and getattr(node.target, "__name__", "") in ("_assert", "_assert_is_none")
+
+
+def _drop_specialised_inputs(gm: fx.GraphModule) -> None:
+    """Remove the placeholders torch.fx keeps for arguments fixed by ``concrete_args``: the checks
+    it adds on them are erased, any other use reads the fixed value as a constant."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"][1:]
+    specialised = [ph for ph in placeholders if ph.args]  # no default: a real input, reported later
+    for ph in specialised:
+        checks = [u for u in ph.users if _is_check(u)
+                  or (u.target is operator.eq and all(_is_check(v) for v in u.users))]
+        for u in sorted(checks, key=order.get, reverse=True):
+            for v in list(u.users):
+                gm.graph.erase_node(v)
+            gm.graph.erase_node(u)
+        for u in list(ph.users):
+            u.args = fx.node.map_arg(u.args, lambda n: ph.args[0] if n is ph else n)
+            u.kwargs = fx.node.map_arg(u.kwargs, lambda n: ph.args[0] if n is ph else n)
+        gm.graph.erase_node(ph)
+    if specialised:
+        gm.recompile()
 
 
 def _flat_node_args(node: fx.Node) -> list[fx.Node]:

@@ -8,13 +8,16 @@ name) to a kind. Kinds (``docs/rules.md`` §1.3, §9):
   (``nn.LayerNorm``, ``F.layer_norm``: token layout and channels-last), ``groupnorm``;
 * element-wise: ``relu``, ``activation`` (SiLU, GELU, Hardswish, ReLU6, LeakyReLU, Mish, Tanh, ELU …),
   ``sigmoid`` (Sigmoid, Hardsigmoid: an activation that can also be a gate), ``softmax`` and
-  ``log_softmax`` (skipped at the end of a model; inside one they need a transformer rule);
+  ``log_softmax`` (skipped at the end of a model);
 * pools and reductions: ``maxpool``, ``avgpool``, ``adaptive_avgpool``, ``mean``, ``sum``;
 * joins: ``add`` and ``sub`` (two data operands), ``constant_add`` (one data operand plus a
   learned constant or a number: a bias, a positional embedding), ``mul`` (two data operands),
   ``gated_mul`` (a data operand times a gate or a constant, see :func:`gate_operands`), ``cat``;
 * structure: ``reshape``, ``permute``, ``transpose``, ``expand``, ``getitem``, ``split`` (chunk,
   split, unbind: a tuple of tensors), ``pad``, ``identity`` (contiguous, Dropout, stochastic depth);
+* transformers (§10): ``matmul`` (``@``, ``bmm``), ``attention`` (``F.scaled_dot_product_attention``
+  and the engine's decomposed attention), ``reindex`` (``torch.roll``, head split / merge, window
+  partition: entries moved, not mixed); ``softmax`` inside a model gets §10's rules;
 * ``meta``: shape queries and the integer arithmetic on them (``x.size()``, ``x.shape[1] // 2``);
   they carry no relevance; ``constant``: parameters and buffers read with ``get_attr``.
 
@@ -28,6 +31,8 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .decompose import FUNCTION_KINDS as DECOMPOSED_KINDS
 
 try:  # torchvision's stochastic depth is a wrapped leaf function in traced graphs
     from torchvision.ops import stochastic_depth as _tv_stochastic_depth
@@ -143,9 +148,21 @@ FUNCTION_KINDS: dict[Any, str] = {
     F.dropout: "identity",
     operator.getitem: "getitem",
     getattr: "getattr",
+    operator.matmul: "matmul",
+    torch.matmul: "matmul",
+    torch.bmm: "matmul",
+    F.scaled_dot_product_attention: "attention",
+    torch.roll: "reindex",
 }
 if _tv_stochastic_depth is not None:
     FUNCTION_KINDS[_tv_stochastic_depth] = "identity"
+try:  # torchvision's Swin gathers 2×2 patches in a function torch.fx keeps whole
+    from torchvision.models.swin_transformer import _patch_merging_pad as _tv_patch_merging_pad
+
+    FUNCTION_KINDS[_tv_patch_merging_pad] = "reindex"
+except ImportError:  # pragma: no cover - torchvision is a dependency
+    pass
+FUNCTION_KINDS.update(DECOMPOSED_KINDS)  # the functions of rewritten attention (decompose.py)
 
 METHOD_KINDS: dict[str, str] = {
     "view": "reshape",
@@ -186,6 +203,9 @@ METHOD_KINDS: dict[str, str] = {
     "size": "meta",
     "dim": "meta",
     "numel": "meta",
+    "matmul": "matmul",
+    "bmm": "matmul",
+    "roll": "reindex",
 }
 
 #: ``getattr`` of these attributes is a shape/type query (meta); any other attribute is unknown.

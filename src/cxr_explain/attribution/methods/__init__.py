@@ -5,10 +5,10 @@ lists them; a new method is one file with a ``@register``-ed class (README, "Add
 from . import builtin  # noqa: F401  (first: registration order is the listing order)
 from .base import (Family, Method, Option, Request, available_methods, get_method, method_class, option,
                    parse_method_options, register, resolve_method_name, unregister)
-from .propagation import PropagationMethod, structural_rules
+from .propagation import PropagationMethod, attention_rules, structural_rules
 from .gradient import GradientMethod
 from .cam import CamMethod, GradCamFamily
 
 __all__ = ["CamMethod", "Family", "GradCamFamily", "GradientMethod", "Method", "Option", "PropagationMethod",
            "Request", "available_methods", "get_method", "method_class", "option", "parse_method_options",
-           "register", "resolve_method_name", "structural_rules", "unregister"]
+           "register", "resolve_method_name", "attention_rules", "structural_rules", "unregister"]

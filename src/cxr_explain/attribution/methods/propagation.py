@@ -26,6 +26,21 @@ if TYPE_CHECKING:
 CONSERVATION_TOLERANCE = 1e-3
 
 
+def attention_rules(cp: bool = False, epsilon: float = 0.0) -> dict[RuleKey, R.Rule]:
+    """Rules for softmax, matmul, whole attention calls and reindexing ops (docs/rules.md §10):
+    AttnLRP's (softmax linearised, uniform rule on products of two data tensors), or with ``cp``
+    CP-LRP's (attention weights held constant: relevance only through the values). ``epsilon``
+    stabilises the products' divisions (0: safe division)."""
+    from .. import rules as R
+
+    return {
+        "softmax": R.Blocked() if cp else R.SoftmaxLinearised(),
+        "matmul": R.Matmul(cp=cp, epsilon=epsilon),
+        "attention": R.Attention(cp=cp, epsilon=epsilon),
+        "reindex": R.Reindex(),
+    }
+
+
 def structural_rules(**overrides: R.Rule) -> dict[RuleKey, R.Rule]:
     """Rules for the parameter-free ops, shared by every composite (``overrides`` by kind).
 
@@ -34,7 +49,8 @@ def structural_rules(**overrides: R.Rule) -> dict[RuleKey, R.Rule]:
     a gated product gives everything to the gated signal (docs/rules.md §9). LayerNorm / GroupNorm
     get the method's own ``linear`` rule, applied to the norm as a σ-constant linear map (§9.3),
     unless ``overrides`` name them. A learned constant added to the data (``constant_add``) passes
-    relevance to the data, like the biases the bias-free rules leave out.
+    relevance to the data, like the biases the bias-free rules leave out. Attention gets AttnLRP's
+    rules (:func:`attention_rules`, docs/rules.md §10).
     """
     from .. import rules as R
 
@@ -62,6 +78,7 @@ def structural_rules(**overrides: R.Rule) -> dict[RuleKey, R.Rule]:
         "constant_add": R.ConstantAdd(),
         "gated_mul": R.GatedProduct(),
         "mul": R.UniformProduct(),
+        **attention_rules(),
     }
     base.update(overrides)
     linear = overrides.get("linear")
@@ -78,10 +95,13 @@ class PropagationMethod(Method):
     ``start``: ``"logit"`` starts from ``s ⊙ y`` (LRP: the explained logit at its unit), ``"one"``
     from the seed ``s`` itself (RAP: its first step rescales to the logit). ``conserving``: Σ map
     should equal the explained output, and the result reports the relative error.
+    ``report_conservation``: report that error also for a method that does not promise it (no
+    warning then).
     """
 
     family: ClassVar[Family] = Family.PROPAGATION
     conserving: ClassVar[bool] = True
+    report_conservation: ClassVar[bool] = False
     start: ClassVar[str] = "logit"
 
     def rules(self) -> dict[RuleKey, R.Rule]:
@@ -135,12 +155,12 @@ class PropagationMethod(Method):
             rel = res.input_relevance  # (K, B, C, H, W)
             maps = rel.sum(2)
             cons = None
-            if self.conserving:
+            if self.conserving or self.report_conservation:
                 explained = sel.values(logits).T  # (K, B)
                 total = maps.flatten(2).sum(-1)
                 cons = (total - explained).abs() / explained.abs().clamp(min=torch.finfo(explained.dtype).tiny)
                 cons = torch.where(sel.valid.T, cons, torch.zeros_like(cons))
-                if request.check_conservation and bool((cons > CONSERVATION_TOLERANCE).any()):
+                if self.conserving and request.check_conservation and bool((cons > CONSERVATION_TOLERANCE).any()):
                     warn_conservation(self, traced, cons, total, explained, res.leaks, res.layer_sums)
         return finish(self.name, self.signed, maps, logits, sel, input_relevance=rel, layer_sums=res.layer_sums,
                       leaks=res.leaks, relevances=res.kept, conservation_error=cons)

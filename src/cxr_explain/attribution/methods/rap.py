@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Optional
 
 from .base import register
-from .propagation import PropagationMethod, classic_graph, structural_rules
+from .propagation import PropagationMethod, attention_rules, classic_graph, structural_rules
 
 if TYPE_CHECKING:
     from ..graph import TracedModel
@@ -30,8 +30,10 @@ class Rap(PropagationMethod):
         from .. import rules as R
 
         hidden = R.RapHidden(shift=self.shift)
+        # attention (ours, docs/rules.md §10.9): CP-LRP's, the conserving one; AttnLRP's softmax rule
+        # loses the share of its linearisation's bias, which RAP's Σ map = logit cannot absorb
         rules = structural_rules(conv=hidden, linear=hidden, batchnorm=R.MaskedPass(),
-                                 maxpool=R.WinnerTakesAll(zero_windows="argmax"))
+                                 maxpool=R.WinnerTakesAll(zero_windows="argmax"), **attention_rules(cp=True))
         rules[("linear", "head")] = R.RapFirstStep()
         rules[("conv", "first")] = R.zbox("safe")
         rules[("linear", "first")] = R.zbox("safe")
@@ -50,8 +52,16 @@ class Rap(PropagationMethod):
         convolution, whose uniform shift conserves it."""
         from .. import rules as R
 
+        from ..graph import NON_TENSOR_KINDS
+
         dense = any(n.kind == "batchnorm" and n.inputs and n.inputs[0].kind == "cat" for n in traced.nodes)
-        return {"batchnorm": R.Pass()} if dense or not classic_graph(traced) else {}
+        rules = {"batchnorm": R.Pass()} if dense or not classic_graph(traced) else {}
+        # a learned token concatenated to the data (a ViT's class token): its share is shifted back
+        # onto the data, as RAP does for the biases it leaves out (docs/rules.md §10.9)
+        if any(n.kind == "cat" and not all(i.data for i in n.inputs if i.kind not in NON_TENSOR_KINDS)
+               for n in traced.relevant_nodes()):
+            rules["cat"] = R.RapConstantCat()
+        return rules
 
     def check_graph(self, traced: TracedModel) -> Optional[str]:
         head = [n for n in traced.nodes if n.role == "head"]

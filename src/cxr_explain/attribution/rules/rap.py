@@ -159,3 +159,32 @@ def uniform_shift(C: Tensor, target_sum: Tensor) -> tuple[Tensor, Tensor]:
     delta = sdiv(per_sample_sum(C) - target_sum, gamma.to(C.dtype))
     flat.sub_(nz * delta.view(k * b, 1))
     return C, gamma
+
+
+class RapConstantCat(Rule):
+    """``torch.cat`` of data with learned constants (a ViT's class token) under RAP (ours,
+    docs/rules.md §10.9): the relevance is sliced back as for any concatenation; the constants'
+    share has no input to go to, so, as RAP does for the biases it leaves out, the uniform shift of
+    §2.3 gives it back to the data: ``δ = sdiv(Σ R_data − Σ R, Γ)`` subtracted from the ``Γ`` non-zero
+    entries of the data parts (counted over all of them together, per target and image)."""
+
+    name = "rap-constant-cat"
+
+    def backward(self, step, R):
+        fx_node = step.node.fx_node
+        dim = fx_node.kwargs.get("dim", fx_node.args[1] if len(fx_node.args) > 1 else 0)
+        dim = dim % step.output.dim()
+        parts = list(torch.split(R, [t.shape[dim] for t in step.inputs], dim=dim + 1))
+        data = [i for i, n in enumerate(step.input_nodes) if n.data]
+        if len(data) == len(parts) or not data:
+            return parts
+        k, b = R.shape[:2]
+        flat = torch.cat([parts[i].reshape(k, b, -1) for i in data], -1)
+        shifted, gamma = uniform_shift(flat, per_sample_sum(R))
+        step.leak = per_sample_sum(R) * (gamma == 0)
+        out: list[Optional[Tensor]] = [None] * len(parts)
+        pieces = shifted.split([parts[i][0, 0].numel() for i in data], -1)
+        for i, piece in zip(data, pieces):
+            out[i] = piece.reshape(parts[i].shape)
+        return out
+
