@@ -147,6 +147,8 @@ def rng():
 CONVS = {
     "depthwise": (lambda: nn.Conv2d(4, 4, 3, padding=1, groups=4), (4, 6, 6)),
     "depthwise-stride2": (lambda: nn.Conv2d(4, 4, 3, stride=2, padding=1, groups=4), (4, 7, 7)),
+    "depthwise-multiplier2": (lambda: nn.Conv2d(3, 6, 3, padding=1, groups=3), (3, 5, 5)),
+    "same-even-depthwise": (lambda: nn.Conv2d(3, 3, 4, padding="same", groups=3), (3, 6, 6)),
     "grouped": (lambda: nn.Conv2d(4, 6, 3, padding=1, groups=2), (4, 5, 5)),
     "grouped-stride2-5x5": (lambda: nn.Conv2d(6, 4, 5, stride=2, padding=2, groups=2), (6, 7, 7)),
     "dilated": (lambda: nn.Conv2d(3, 4, 3, padding=2, dilation=2), (3, 7, 7)),

@@ -15,6 +15,7 @@ from torch.nn.grad import conv1d_input, conv2d_input
 from ...errors import CxrExplainError
 from ..graph import LayerNode
 from .base import Rule, Step, Tensor, merge_kb, safe_inverse, split_kb
+from .depthwise import depthwise_conv, depthwise_conv_transpose, is_depthwise
 
 
 # --------------------------------------------------------------------------------------------
@@ -68,6 +69,8 @@ class LinearMap:
         m = self.module
         if not self.is_conv:
             return F.linear(x, w)
+        if self._slow_grouped(w):
+            return depthwise_conv(x, w, m.stride, self.pads, m.dilation)
         if self.sym is not None:
             return self._conv(x, w, None, m.stride, self.sym, m.dilation, m.groups)
         return self._conv(F.pad(x, self._pad_arg()), w, None, m.stride, 0, m.dilation, m.groups)
@@ -77,6 +80,8 @@ class LinearMap:
         m = self.module
         if not self.is_conv:
             return s @ w
+        if self._slow_grouped(w):
+            return depthwise_conv_transpose(s, w, in_shape, m.stride, self.pads, m.dilation)
         if self._as_forward_conv(in_shape, s):
             # stride 1: Wᵀs is a plain convolution with the flipped, transposed kernel (a faster
             # kernel on CPU than convolution_backward; same sums), per group
@@ -107,6 +112,11 @@ class LinearMap:
         for l, r in reversed(self.pads):  # F.pad lists the last dimension first
             out += [l, r]
         return out
+
+    def _slow_grouped(self, w: Tensor) -> bool:
+        """A float64 depthwise convolution, whose PyTorch CPU kernel loops over the groups: use the
+        tap-sum form of :mod:`.depthwise` instead (same sums)."""
+        return w.dtype == torch.float64 and not w.is_cuda and is_depthwise(w, self.module.groups)
 
     def _as_forward_conv(self, in_shape, s) -> bool:
         m = self.module
