@@ -1,5 +1,5 @@
 """Modern CNNs in the one engine (docs/rules.md §9): every method runs on EfficientNet, MobileNet,
-RegNet, ConvNeXt, ShuffleNet, MNASNet (torchvision) and timm's ConvNeXt / EfficientNet, with random
+RegNet, ConvNeXt, ShuffleNet, MNASNet (torchvision) and timm's ConvNeXt (atto) / EfficientNet, with random
 weights, realistic norm statistics and non-zero biases; RAP and LRP-α1β0 conserve the logit in float64."""
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from cxr_explain.attribution.graph import trace
 F64 = torch.float64
 
 ARCHS = ["efficientnet_b0", "mobilenet_v3_small", "mobilenet_v2", "regnet_y_400mf", "convnext_tiny",
-         "shufflenet_v2_x0_5", "mnasnet0_5", "timm:convnext_tiny", "timm:efficientnet_b0"]
+         "shufflenet_v2_x0_5", "mnasnet0_5", "timm:convnext_atto", "timm:efficientnet_b0"]
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -109,3 +109,11 @@ def test_trailing_sigmoid_is_skipped_but_not_a_gate():
     model = nn.Sequential(torchvision.models.regnet_y_400mf(num_classes=3), nn.Sigmoid()).eval()
     traced = trace(model)
     assert traced.logits.module_path == "0.fc"
+
+
+def test_the_transformer_composite_refuses_a_cnn():
+    """LRP-ε on every layer of a CNN lets Σ map grow to 1e40 × the logit: a clear error instead."""
+    from cxr_explain.errors import CxrExplainError
+
+    with pytest.raises(CxrExplainError, match=r"attnlrp: .*needs a model with attention.*use lrp"):
+        explain(build("resnet-tiny", size=64), images(1, 64), "attnlrp", target=0)

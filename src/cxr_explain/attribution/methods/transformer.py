@@ -3,6 +3,7 @@ ICML 2022) as an option (docs/rules.md §10.8)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 from .base import option, register
 from .propagation import PropagationMethod, attention_rules, structural_rules
@@ -35,3 +36,12 @@ class AttnLrp(PropagationMethod):
         # learned constants added to the data (position embeddings) keep their share, as biases do
         return structural_rules(conv=lin, linear=lin, constant_add=R.ConstantAdd(absorb=True),
                                 **attention_rules(self.cp, self.epsilon))
+
+    def check_graph(self, traced) -> Optional[str]:
+        """LRP-ε on every layer of a deep CNN lets relevance grow without bound through BatchNorm and
+        near-zero denominators (Σ map reached 1e40 × the logit on EfficientNet-B0 and ResNet-50), so
+        the composite runs only on models with attention."""
+        if not any(n.kind in ("attention", "matmul") for n in traced.nodes):
+            return ("the transformer composite needs a model with attention, and this one has none; "
+                    "on a CNN use lrp (LRP-α1β0) or lrp-epsilon-plus")
+        return None
