@@ -28,9 +28,9 @@ import torch
 import torch.nn as nn
 import torchvision
 
-OURS = ["lrp", "rap", "rsp", "cam", "gradcam"]
+OURS = ["lrp", "rap", "rsp", "cam", "gradcam", "attnlrp"]
 CLOCK = time.perf_counter
-PEERS = ["zennit-lrp", "captum-lrp", "pytorch-grad-cam"]
+PEERS = ["zennit-lrp", "captum-lrp", "pytorch-grad-cam", "lxt-cp-lrp"]
 
 
 def build(arch: str) -> nn.Module:
@@ -54,8 +54,9 @@ def runner(name: str, model: nn.Module, arch: str, x: torch.Tensor) -> Optional[
             return g
         return base
     if name in OURS:
-        if (name == "cam" and arch.startswith(("vgg", "convnext"))) or (name == "rsp" and not arch.startswith("vgg")):
-            return None  # CAM needs a GAP → Linear head; RSP is defined for VGG only
+        if (name == "cam" and arch.startswith(("vgg", "convnext", "vit", "swin"))) or \
+                (name == "rsp" and not arch.startswith("vgg")) or (name == "attnlrp" and not arch.startswith(("vit", "swin"))):
+            return None  # CAM needs a GAP → Linear head; RSP is defined for VGG only; attnlrp for transformers
         return lambda: explain(model, x, name, target=0, check_conservation=False).maps
     if name == "lrp-8-targets":
         return lambda: explain(model, x, "lrp", target=[list(range(8))] * b, check_conservation=False).maps
@@ -107,7 +108,51 @@ def runner(name: str, model: nn.Module, arch: str, x: torch.Tensor) -> Optional[
                 for p in model.parameters():
                     p.requires_grad_(False)
         return pgc
+    if name == "lxt-cp-lrp":  # LXT's CP-LRP recipe for torchvision's ViT: gradient × input, patched modules
+        if not arch.startswith("vit"):
+            return None
+        patches = lxt_vit_patches()
+        if patches is None:
+            return None
+
+        def lxt_run():
+            saved = {cls: cls.__dict__.get("forward") for cls in patches}
+            try:
+                for cls, patch in patches.items():
+                    patch(cls)
+                xg = x.clone().requires_grad_(True)
+                (g,) = torch.autograd.grad(model(xg)[:, 0].sum(), xg)
+                return xg * g
+            finally:
+                for cls, fwd in saved.items():
+                    cls.forward = fwd
+                    if "original_forward" in cls.__dict__:
+                        delattr(cls, "original_forward")
+        return lxt_run
     raise ValueError(name)
+
+
+def lxt_vit_patches():
+    """LXT's patches for torchvision's ViT (GELU, LayerNorm, MultiheadAttention), or None without lxt.
+    ``lxt.efficient`` is loaded without its package import (it pulls in Hugging Face patches)."""
+    import sys
+    import types
+    from functools import partial
+
+    try:
+        import lxt
+    except ImportError:
+        return None
+    if "lxt.efficient" not in sys.modules:
+        pkg = types.ModuleType("lxt.efficient")
+        pkg.__path__ = [os.path.join(os.path.dirname(lxt.__file__), "efficient")]
+        sys.modules["lxt.efficient"] = pkg
+    from lxt.efficient.patches import (cp_multi_head_attention_forward, layer_norm_forward, non_linear_forward,
+                                       patch_method)
+
+    return {nn.GELU: partial(patch_method, non_linear_forward, keep_original=True),
+            nn.LayerNorm: partial(patch_method, layer_norm_forward),
+            nn.MultiheadAttention: partial(patch_method, cp_multi_head_attention_forward, keep_original=True)}
 
 
 def time_it(fn: Callable[[], object], repeats: int) -> float:
