@@ -53,7 +53,7 @@ def _zennit_lrp(model: nn.Module, x: torch.Tensor, target: int) -> torch.Tensor:
 @pytest.mark.parametrize("arch", ["vgg16", "resnet50"])
 def test_lrp_equals_zennit_matched_composite(models64, arch):
     model = models64(arch)
-    x = images(1, 64, seed=3, dtype=F64)
+    x = images(1, 32, seed=3, dtype=F64)
     ours = explain(model, x, "lrp", target=3).maps[0]
     ref = _zennit_lrp(model, x, 3)
     assert ((ours - ref).abs().max() / ref.abs().max()) < 1e-6
@@ -61,7 +61,7 @@ def test_lrp_equals_zennit_matched_composite(models64, arch):
 
 def test_lrp_negative_logit_target_conserves(models64):
     model = models64("resnet50")
-    x = images(1, 64, seed=5, dtype=F64)
+    x = images(1, 32, seed=5, dtype=F64)
     logits = model(x)[0]
     t = int(logits.argmin())
     assert logits[t] < 0
@@ -73,14 +73,14 @@ def test_lrp_negative_logit_target_conserves(models64):
 
 @pytest.mark.parametrize("method", ["lrp", "rap", "gradient-x-input", "gradcam", "cam"])
 def test_batch_equals_single_calls_and_target_lists_equal_separate_calls(method):
-    model = build("resnet18", size=64).to(F64)
-    x = images(3, 64, seed=7, dtype=F64)
+    model = build("resnet18", size=32).to(F64)
+    x = images(3, 32, seed=7, dtype=F64)
     batch = explain(model, x, method, target=[0, 2, 5])
     for i, t in enumerate([0, 2, 5]):
         single = explain(model, x[i:i + 1], method, target=t)
         torch.testing.assert_close(batch.maps[i], single.maps[0], rtol=1e-9, atol=1e-12)
     lists = explain(model, x, method, target=[[0, 1], [2, 3], [5, 4]])
-    assert lists.maps.shape == (3, 2, 64, 64)
+    assert lists.maps.shape == (3, 2, 32, 32)
     for j, per_image in enumerate([[0, 2, 5], [1, 3, 4]]):
         separate = explain(model, x, method, target=per_image)
         torch.testing.assert_close(lists.maps[:, j], separate.maps, rtol=1e-9, atol=1e-12)
@@ -98,8 +98,8 @@ def test_ragged_target_lists_are_padded():
 
 
 def test_deterministic_on_cpu():
-    model = build("densenet121", size=64)
-    x = images(2, 64)
+    model = build("densenet121", size=32)
+    x = images(2, 32)
     a = explain(model, x, "lrp", target="predicted").maps
     b = explain(model, x, "lrp", target="predicted").maps
     assert torch.equal(a, b)
@@ -285,7 +285,7 @@ def _composite_refs(x):
 @pytest.mark.parametrize("arch", ["vgg16", "resnet50"])
 def test_every_lrp_composite_equals_zennits_matching_composite(models64, arch):
     model = models64(arch)
-    x = images(1, 64, seed=5, dtype=F64)
+    x = images(1, 32, seed=5, dtype=F64)
     canonizers = [ResNetBottleneckCanonizer()] if arch.startswith("resnet") else []
     for method, (conv, lin, first) in _composite_refs(x).items():
         ours = explain(model, x, method, target=2, check_conservation=False).maps[0]
@@ -310,7 +310,7 @@ class _DenseNetHead(nn.Module):
 def test_lrp_on_densenet121_equals_zennit_with_a_densenet_canonizer(models64):
     dense = models64("densenet121")
     model = _DenseNetHead(dense).eval()
-    x = images(1, 64, seed=6, dtype=F64)
+    x = images(1, 32, seed=6, dtype=F64)
     torch.testing.assert_close(model(x), dense(x))
     ours = explain(dense, x, "lrp", target=4).maps[0]  # on torchvision's own model
     rule = AlphaBeta(1.0, 0.0, stabilizer=1e-13, zero_params=["bias"])

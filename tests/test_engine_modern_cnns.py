@@ -46,13 +46,21 @@ FLOAT32_METHODS = ["lrp", "rap", "lrp-epsilon", "lrp-epsilon-plus", "lrp-zplus-f
                    "gradient-x-input", "gradcam++"]
 
 
-@pytest.mark.parametrize("arch, method", [(a, m) for a in ["efficientnet_b0", "convnext_tiny"] for m in FLOAT32_METHODS]
-                         + [("efficientnet_b0", "cam")])
-def test_every_method_runs_in_float32(arch, method):
-    model = build(arch, size=64)
-    e = explain(model, images(2, 64), method, target=[0, 3], check_conservation=False)
-    assert e.maps.shape == (2, 64, 64) and e.maps.dtype == torch.float32
-    assert torch.isfinite(e.maps).all() and (e.maps != 0).any()
+@pytest.fixture(scope="module")
+def float32_models():
+    """One float32 EfficientNet-B0 and ConvNeXt-Tiny at 64 px, shared by the float32 tests."""
+    return {arch: build(arch, size=64) for arch in ("efficientnet_b0", "convnext_tiny")}
+
+
+@pytest.mark.parametrize("method", FLOAT32_METHODS + ["cam"])
+def test_every_method_runs_in_float32(float32_models, method):
+    """Each method on both networks (CAM on EfficientNet only: ConvNeXt's head normalises before its
+    Linear layer)."""
+    archs = ["efficientnet_b0"] if method == "cam" else list(float32_models)
+    for arch in archs:
+        e = explain(float32_models[arch], images(2, 64), method, target=[0, 3], check_conservation=False)
+        assert e.maps.shape == (2, 64, 64) and e.maps.dtype == torch.float32, arch
+        assert torch.isfinite(e.maps).all() and (e.maps != 0).any(), arch
 
 
 def test_cam_on_convnext_is_a_clear_error():
@@ -62,9 +70,8 @@ def test_cam_on_convnext_is_a_clear_error():
         explain(build("convnext_tiny", size=64), images(1, 64), "cam", target=0)
 
 
-def test_rap_float32_conserves_on_efficientnet():
-    model = build("efficientnet_b0", size=64)
-    e = explain(model, images(2, 64), "rap", target=[1, 2])
+def test_rap_float32_conserves_on_efficientnet(float32_models):
+    e = explain(float32_models["efficientnet_b0"], images(2, 64), "rap", target=[1, 2])
     assert (e.conservation_error < 1e-4).all()
 
 
