@@ -15,6 +15,7 @@ runs the model on a GPU; under ``torchrun`` each rank evaluates every ``world_si
 from __future__ import annotations
 
 import os
+import time
 import warnings
 from dataclasses import dataclass
 from datetime import timedelta
@@ -40,6 +41,7 @@ from ..results.maps import save_maps as write_maps
 from ..results.run import record_run
 from ..results.schema import RESULTS_NAME, results_columns
 from ..results.store import ResultsWriter, complete_pairs, merge_results
+from .timing import NO_TIMER, StageTimer
 
 DEFAULT_METHODS = ("cam", "lrp", "rap")
 
@@ -67,6 +69,44 @@ def ground_truths(dataset: Any, i: int, labels: Sequence[str], use_masks: bool =
     return out
 
 
+def select_images(dataset: Any, labels: Sequence[str], split: Optional[str] = None, use_masks: bool = True,
+                  max_images: Optional[int] = None) -> dict[int, list[GroundTruth]]:
+    """The images an evaluation scores, in dataset order: ``{index: its ground truths}`` for every
+    image with a box or mask of a finding in ``labels`` (of ``split`` when given; the first
+    ``max_images`` of them when given)."""
+    splits = dataset.splits()
+    if split is not None and not splits:
+        raise CxrExplainError(f"split={split!r} requested but {type(dataset).__name__} has no split file")
+    gts: dict[int, list[GroundTruth]] = {}
+    for i in range(len(dataset)):
+        if split is not None and splits.get(dataset.samples[i].image_id) != split:
+            continue
+        g = ground_truths(dataset, i, labels, use_masks)
+        if g:
+            gts[i] = g
+        if max_images is not None and len(gts) >= max_images:
+            break
+    return gts
+
+
+def findings_of(gts: Sequence[GroundTruth]) -> list[str]:
+    """An image's explained findings: each finding of its ground truths once, in their order."""
+    return list(dict.fromkeys(g.finding for g in gts))
+
+
+def batch_plan(indices: Sequence[int], gts: dict[int, list[GroundTruth]], batch_size: int) -> list[list[int]]:
+    """The batches ``evaluate`` explains ``indices`` in (lists of dataset indices)."""
+    idx = list(indices)
+    return [idx[k:k + batch_size] for k in range(0, len(idx), batch_size)]
+
+
+def explain_targets(gts: Sequence[GroundTruth], labels: Sequence[str], versus: Optional[int] = None) -> list:
+    """The targets one image is explained for: the class of each of its findings (``findings_of``),
+    or ``Contrast(finding, versus)`` when a ``versus`` output is given."""
+    classes = [find_label(f, labels) for f in findings_of(gts)]
+    return [Contrast(Index(c), Index(versus)) if versus is not None else c for c in classes]
+
+
 # --------------------------------------------------------------------------- data loading
 class _EvalItems(torch.utils.data.Dataset):
     """Decode + preprocess one image (in a DataLoader worker): the model input, the sample with
@@ -79,10 +119,12 @@ class _EvalItems(torch.utils.data.Dataset):
         return len(self.indices)
 
     def __getitem__(self, k: int) -> dict:
+        t0 = time.perf_counter()
         i = self.indices[k]
         xr = self.dataset.read_image(i)
         x, _, _ = self.pre(xr)
-        return {"index": i, "x": x, "sample": self.dataset[i], "height": xr.height, "width": xr.width}
+        return {"index": i, "x": x, "sample": self.dataset[i], "height": xr.height, "width": xr.width,
+                "decode_s": time.perf_counter() - t0}
 
 
 def _collate(items: list[dict]) -> list[dict]:
@@ -137,6 +179,7 @@ def evaluate(
     stop_after_batches: Optional[int] = None,
     method_options: Optional[dict[str, dict[str, Any]]] = None,
     versus: Optional[str] = None,
+    timer: Optional[StageTimer] = None,
 ) -> Path:
     """Evaluate ``methods`` on every box (and exact mask) of ``dataset``; returns ``out_dir``.
 
@@ -151,7 +194,10 @@ def evaluate(
     first ``faithfulness_images`` images (:mod:`.faithfulness`). ``method_options``: per method name,
     its options (``{"lrp-epsilon": {"epsilon": 0.1}}``). ``versus``: explain each finding against this
     output (``logit_finding − logit_versus``, e.g. "No Finding") instead of its logit alone.
+    ``timer``: a :class:`~.timing.StageTimer` to fill with the time of each stage (benchmarks).
     """
+    tm = timer if timer is not None else NO_TIMER
+    t_start = time.perf_counter() if tm.enabled else 0.0
     methods = [resolve_method_name(m) for m in methods]
     opts = {resolve_method_name(k): v for k, v in (method_options or {}).items()}
     configured: dict[str, Method] = {m: get_method(m, **opts.get(m, {})) for m in methods}
@@ -178,17 +224,7 @@ def evaluate(
     columns = results_columns(thresholds)
 
     splits = dataset.splits()
-    if split is not None and not splits:
-        raise CxrExplainError(f"split={split!r} requested but {type(dataset).__name__} has no split file")
-    gts: dict[int, list[GroundTruth]] = {}
-    for i in range(len(dataset)):
-        if split is not None and splits.get(dataset.samples[i].image_id) != split:
-            continue
-        g = ground_truths(dataset, i, labels, use_masks)
-        if g:
-            gts[i] = g
-        if max_images is not None and len(gts) >= max_images:
-            break
+    gts = select_images(dataset, labels, split, use_masks, max_images)
     if not gts:
         raise CxrExplainError(
             f"{_dataset_info(dataset)['root'] or 'the dataset'}: no image{' of split ' + repr(split) if split else ''} "
@@ -218,9 +254,12 @@ def evaluate(
 
     model = model.to(dev)
     model.eval()
+    plan = batch_plan(todo, gts, batch_size)
+    pos = {i: k for k, i in enumerate(todo)}
     loader = torch.utils.data.DataLoader(
-        _EvalItems(dataset, todo, pre), batch_size=batch_size, shuffle=False, num_workers=max(0, int(workers)),
-        collate_fn=_collate, persistent_workers=False, pin_memory=dev.type == "cuda")
+        _EvalItems(dataset, todo, pre), batch_sampler=[[pos[i] for i in b] for b in plan],
+        num_workers=max(0, int(workers)), collate_fn=_collate, persistent_workers=False,
+        pin_memory=dev.type == "cuda")
     bar = None
     if progress:
         from ..progress import progress_bar
@@ -229,23 +268,35 @@ def evaluate(
                            desc="evaluate" + (f" rank {rank}" if world > 1 else ""))
     ctx = {"labels": labels, "pre": pre, "thresholds": thresholds, "resize": resize, "multilabel": info["multilabel"],
            "empty_region": empty_region, "scaling": scaling, "splits": splits, "out": out, "save_maps": save_maps,
-           "use_masks": use_masks, "versus": versus_index}
+           "use_masks": use_masks, "versus": versus_index, "timer": tm}
+    if tm.enabled:
+        tm.add("start-up", time.perf_counter() - t_start)
     try:
-        for nb, batch in enumerate(loader):
-            if stop_after_batches is not None and nb >= stop_after_batches:
+        batches = iter(loader)
+        nb = 0
+        while True:
+            with tm.stage("wait for data"):
+                batch = next(batches, None)
+            if batch is None or (stop_after_batches is not None and nb >= stop_after_batches):
                 break
+            nb += 1
+            if tm.enabled:
+                tm.add("decode", sum(it["decode_s"] for it in batch), len(batch))
             for m in methods:
                 items = [it for it in batch if (ids[it["index"]], m) not in writer.done]
                 if items:
                     for rows in _score_batch(model, configured[m], items, gts, ctx):
-                        writer.write_group(rows)
-            writer.flush()
+                        with tm.stage("rows"):
+                            writer.write_group(rows)
+            with tm.stage("rows"):
+                writer.flush()
             if bar:
                 bar.update(len(batch))
     finally:
         writer.close()
         if bar:
             bar.close()
+    t_end = time.perf_counter() if tm.enabled else 0.0
     d.barrier()
     if world > 1 and rank == 0:
         merge_results(main_path, [out / f"results.rank{r}.csv" for r in range(world)], columns)
@@ -255,6 +306,8 @@ def evaluate(
 
         run_faithfulness(model, dataset, out, methods, sorted(gts)[:faithfulness_images], gts, pre,
                          progress=progress)
+    if tm.enabled:
+        tm.add("finish", time.perf_counter() - t_end)
     return out
 
 
@@ -283,11 +336,10 @@ def _score_batch(model: nn.Module, configured: Method, items: list[dict], gts: d
     x = torch.stack([it["x"] for it in items])
     targets, class_lists = [], []
     for it in items:
-        fs = list(dict.fromkeys(g.finding for g in gts[it["index"]]))
-        classes = [find_label(f, labels) for f in fs]
-        class_lists.append(classes)
-        targets.append([Contrast(Index(c), Index(versus)) if versus is not None else c for c in classes])
-    with warnings.catch_warnings():
+        class_lists.append([find_label(f, labels) for f in findings_of(gts[it["index"]])])
+        targets.append(explain_targets(gts[it["index"]], labels, versus))
+    tm = ctx["timer"]
+    with warnings.catch_warnings(), tm.stage(f"explain {method}"):
         warnings.simplefilter("ignore", RuntimeWarning)  # conservation notes: not a scoring problem
         exp = explain(model, x, method=configured, target=targets)
     maps = exp.maps.detach().float().cpu()
@@ -299,11 +351,12 @@ def _score_batch(model: nn.Module, configured: Method, items: list[dict], gts: d
         s: Sample = it["sample"]
         H, W = int(it["height"]), int(it["width"])
         ident = _identity_geometry(pre, H, W)
-        fs = list(dict.fromkeys(g.finding for g in gts[it["index"]]))
+        fs = findings_of(gts[it["index"]])
         map_file = ""
         if ctx["save_maps"]:
             map_file = map_file_of(method, s.image_id)
-            write_maps(ctx["out"] / map_file, {f: maps[b, k].numpy() for k, f in enumerate(fs)})
+            with tm.stage("maps"):
+                write_maps(ctx["out"] / map_file, {f: maps[b, k].numpy() for k, f in enumerate(fs)})
         n_boxes = sum(1 for g in gts[it["index"]] if g.gt == "box")
         rows = []
         for g in gts[it["index"]]:
@@ -312,13 +365,16 @@ def _score_batch(model: nn.Module, configured: Method, items: list[dict], gts: d
             mask = _gt_mask(s, g, H, W)
             if ident:
                 h = raw[b, k] if raw is not None else maps[b, k]
-                sc = localization_scores(h, mask, ctx["thresholds"], original_size=(H, W), resize=ctx["resize"],
-                                         empty_region=ctx["empty_region"], scaling=ctx["scaling"])
+                with tm.stage("metrics"):
+                    sc = localization_scores(h, mask, ctx["thresholds"], original_size=(H, W), resize=ctx["resize"],
+                                             empty_region=ctx["empty_region"], scaling=ctx["scaling"])
             else:
                 src = raw[b, k] if raw is not None else maps[b, k]
-                h = pre.to_original(src, H, W)
-                sc = localization_scores(h, mask, ctx["thresholds"], original_size=(H, W),
-                                         empty_region=ctx["empty_region"], scaling=ctx["scaling"])
+                with tm.stage("resize"):
+                    h = pre.to_original(src, H, W)
+                with tm.stage("metrics"):
+                    sc = localization_scores(h, mask, ctx["thresholds"], original_size=(H, W),
+                                             empty_region=ctx["empty_region"], scaling=ctx["scaling"])
             bx = (g.box.x, g.box.y, g.box.w, g.box.h) if g.box is not None else _bbox_of(mask)
             rows.append({
                 "image_id": s.image_id, "finding": g.finding, "method": method, "gt": g.gt, "gt_index": g.gt_index,
