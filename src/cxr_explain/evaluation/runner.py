@@ -5,8 +5,10 @@ One row per (image, ground truth, method) goes to ``results.csv`` as it is produ
 the logit of the box's finding whatever the model predicted; the map is resized to the original
 image size (``resize``), negatives set to 0 and divided by its maximum; the region ``h > T`` is
 compared with the box (or exact mask) in original pixel space. The same row carries the
-CheXlocalize (§2) and XAI-literature (§3) scores from
-:func:`cxr_explain.metrics.localization.localization_scores`.
+CheXlocalize (§2) and XAI-literature (§3) scores of
+:func:`cxr_explain.metrics.localization.localization_scores`, computed through its
+:class:`~cxr_explain.metrics.localization.MapScorer` so that each explained map is resized,
+normalised and sorted once, however many regions of its finding the image has.
 
 Scale: a ``DataLoader`` (``workers`` processes) decodes and preprocesses images; ``device="cuda"``
 runs the model on a GPU; under ``torchrun`` each rank evaluates every ``world_size``-th image into
@@ -33,8 +35,7 @@ from ..data.images import Preprocessing, get_preprocessing
 from ..data.labels import find_label, label_index
 from ..data.types import Box, Sample
 from ..errors import CxrExplainError
-from ..metrics.localization import (EMPTY_REGION_MODES, PAPER_THRESHOLDS, RESIZE_MODES,
-                                    localization_scores)
+from ..metrics.localization import EMPTY_REGION_MODES, PAPER_THRESHOLDS, RESIZE_MODES, MapScorer, normalize_map
 from ..runtime import init_distributed, resolve_device
 from ..results.maps import map_file as map_file_of
 from ..results.maps import save_maps as write_maps
@@ -346,40 +347,52 @@ def _score_batch(model: nn.Module, configured: Method, items: list[dict], gts: d
     raw = exp.raw_maps.detach().float().cpu() if exp.raw_maps is not None else None  # CAM family: low-res map
     logits = exp.logits.detach().float().cpu()
     probs = torch.sigmoid(logits) if ctx["multilabel"] else torch.softmax(logits, dim=1)
-    pre: Preprocessing = ctx["pre"]
     for b, it in enumerate(items):
-        s: Sample = it["sample"]
-        H, W = int(it["height"]), int(it["width"])
-        ident = _identity_geometry(pre, H, W)
-        fs = findings_of(gts[it["index"]])
-        map_file = ""
-        if ctx["save_maps"]:
-            map_file = map_file_of(method, s.image_id)
-            with tm.stage("maps"):
-                write_maps(ctx["out"] / map_file, {f: maps[b, k].numpy() for k, f in enumerate(fs)})
-        n_boxes = sum(1 for g in gts[it["index"]] if g.gt == "box")
-        rows = []
-        for g in gts[it["index"]]:
-            k = fs.index(g.finding)
-            cls = class_lists[b][k]
-            mask = _gt_mask(s, g, H, W)
-            if ident:
-                h = raw[b, k] if raw is not None else maps[b, k]
-                with tm.stage("metrics"):
-                    sc = localization_scores(h, mask, ctx["thresholds"], original_size=(H, W), resize=ctx["resize"],
-                                             empty_region=ctx["empty_region"], scaling=ctx["scaling"])
-            else:
-                src = raw[b, k] if raw is not None else maps[b, k]
-                with tm.stage("resize"):
-                    h = pre.to_original(src, H, W)
-                with tm.stage("metrics"):
-                    sc = localization_scores(h, mask, ctx["thresholds"], original_size=(H, W),
-                                             empty_region=ctx["empty_region"], scaling=ctx["scaling"])
-            bx = (g.box.x, g.box.y, g.box.w, g.box.h) if g.box is not None else _bbox_of(mask)
-            rows.append({
-                "image_id": s.image_id, "finding": g.finding, "method": method, "gt": g.gt, "gt_index": g.gt_index,
-                "logit": float(logits[b, cls]), "prob": float(probs[b, cls]), "n_boxes": n_boxes, **sc,
-                "split": ctx["splits"].get(s.image_id, ""), "map_file": map_file, "image_path": str(s.path),
-                "height": H, "width": W, "box_x": bx[0], "box_y": bx[1], "box_w": bx[2], "box_h": bx[3],
-            })
-        yield rows
+        yield _image_rows(it, method, b, maps, raw, logits, probs, class_lists[b], gts[it["index"]], ctx)
+
+
+def _normalized(src: torch.Tensor, H: int, W: int, ctx: dict) -> np.ndarray:
+    """One explained map in the original pixel space, normalised (docs/evaluation.md §1 steps 1-3):
+    resized with ``--resize`` when the preprocessing kept the whole film, else mapped back through
+    its crop (``Preprocessing.to_original``)."""
+    pre: Preprocessing = ctx["pre"]
+    if not _identity_geometry(pre, H, W):
+        src = pre.to_original(src, H, W)
+    return normalize_map(src, resize_to=(H, W), mode=ctx["resize"], scaling=ctx["scaling"])
+
+
+def _image_rows(it: dict, method: str, b: int, maps: torch.Tensor, raw: Optional[torch.Tensor], logits: torch.Tensor,
+                probs: torch.Tensor, classes: list[int], gts: list[GroundTruth], ctx: dict) -> list[dict]:
+    """The result rows of one image for one method (and its saved maps). Each finding's map is
+    resized, normalised and sorted once (:class:`MapScorer`), whatever the number of its regions."""
+    tm = ctx["timer"]
+    s: Sample = it["sample"]
+    H, W = int(it["height"]), int(it["width"])
+    fs = findings_of(gts)
+    map_file = ""
+    if ctx["save_maps"]:
+        map_file = map_file_of(method, s.image_id)
+        with tm.stage("maps"):
+            write_maps(ctx["out"] / map_file, {f: maps[b, k].numpy() for k, f in enumerate(fs)})
+    n_boxes = sum(1 for g in gts if g.gt == "box")
+    scorers: dict[int, MapScorer] = {}
+    rows = []
+    for g in gts:
+        k = fs.index(g.finding)
+        cls = classes[k]
+        mask = _gt_mask(s, g, H, W)
+        if k not in scorers:
+            with tm.stage("resize"):
+                hn = _normalized(raw[b, k] if raw is not None else maps[b, k], H, W, ctx)
+            with tm.stage("metrics"):
+                scorers[k] = MapScorer(hn)
+        with tm.stage("metrics"):
+            sc = scorers[k].scores(mask, ctx["thresholds"], ctx["empty_region"])
+        bx = (g.box.x, g.box.y, g.box.w, g.box.h) if g.box is not None else _bbox_of(mask)
+        rows.append({
+            "image_id": s.image_id, "finding": g.finding, "method": method, "gt": g.gt, "gt_index": g.gt_index,
+            "logit": float(logits[b, cls]), "prob": float(probs[b, cls]), "n_boxes": n_boxes, **sc,
+            "split": ctx["splits"].get(s.image_id, ""), "map_file": map_file, "image_path": str(s.path),
+            "height": H, "width": W, "box_x": bx[0], "box_y": bx[1], "box_w": bx[2], "box_h": bx[3],
+        })
+    return rows
