@@ -17,6 +17,7 @@ runs the model on a GPU; under ``torchrun`` each rank evaluates every ``world_si
 from __future__ import annotations
 
 import os
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -34,14 +35,15 @@ from ..attribution.targets import Contrast, Index
 from ..data.images import Preprocessing, get_preprocessing
 from ..data.labels import find_label, label_index
 from ..data.types import Box, Sample
-from ..errors import CxrExplainError
+from ..errors import CxrExplainError, failure_reason
 from ..metrics.localization import EMPTY_REGION_MODES, PAPER_THRESHOLDS, RESIZE_MODES, MapScorer, normalize_map
 from ..runtime import init_distributed, resolve_device
 from ..results.maps import map_file as map_file_of
 from ..results.maps import save_maps as write_maps
+from ..results.csvlog import FAILURES_COLUMNS, FAILURES_FILE, CsvLog, merge_logs
 from ..results.run import record_run
 from ..results.schema import RESULTS_NAME, results_columns
-from ..results.store import ResultsWriter, complete_pairs, merge_results
+from ..results.store import ResultsWriter, complete_pairs, merge_results, read_results
 from .timing import NO_TIMER, StageTimer
 
 DEFAULT_METHODS = ("cam", "lrp", "rap")
@@ -120,11 +122,19 @@ class _EvalItems(torch.utils.data.Dataset):
         return len(self.indices)
 
     def __getitem__(self, k: int) -> dict:
+        """The item, or ``{"index", "file", "failed": reason}`` when the film (or its masks) cannot
+        be read: a corrupt file is a failure of stage ``read``, not the end of the run."""
         t0 = time.perf_counter()
         i = self.indices[k]
-        xr = self.dataset.read_image(i)
-        x, _, _ = self.pre(xr)
-        return {"index": i, "x": x, "sample": self.dataset[i], "height": xr.height, "width": xr.width,
+        try:
+            xr = self.dataset.read_image(i)
+            x, _, _ = self.pre(xr)
+            sample = self.dataset[i]
+        except Exception as exc:  # noqa: BLE001 - decoders raise anything on odd files; the run goes on
+            path = self.dataset.samples[i].path
+            return {"index": i, "file": str(path), "failed": failure_reason(exc, path),
+                    "decode_s": time.perf_counter() - t0}
+        return {"index": i, "x": x, "sample": sample, "height": xr.height, "width": xr.width,
                 "decode_s": time.perf_counter() - t0}
 
 
@@ -156,6 +166,21 @@ def _identity_geometry(pre: Preprocessing, h: int, w: int) -> bool:
     return g.x0 == 0 and g.y0 == 0 and g.crop_w == w and g.crop_h == h
 
 
+class _Failures:
+    """This run's failures: each one row of ``failures.csv`` and one line on stderr, or, with
+    ``stop``, the error that ends the run."""
+
+    def __init__(self, path: Path, stop: bool):
+        self.log = CsvLog(path, FAILURES_COLUMNS, fresh=True)
+        self.stop = stop
+
+    def __call__(self, file: str, stage: str, reason: str) -> None:
+        self.log.append([{"file": file, "stage": stage, "reason": reason}])
+        if self.stop:
+            raise CxrExplainError(f"{file}: {stage} failed: {reason}")
+        print(f"cxr-explain evaluate: {file}: {stage} failed: {reason}", file=sys.stderr, flush=True)
+
+
 # --------------------------------------------------------------------------- main loop
 def evaluate(
     model: nn.Module,
@@ -181,6 +206,9 @@ def evaluate(
     method_options: Optional[dict[str, dict[str, Any]]] = None,
     versus: Optional[str] = None,
     timer: Optional[StageTimer] = None,
+    stop_on_error: bool = False,
+    dtype: str = "float32",
+    notes: Optional[Sequence[str]] = None,
 ) -> Path:
     """Evaluate ``methods`` on every box (and exact mask) of ``dataset``; returns ``out_dir``.
 
@@ -196,6 +224,13 @@ def evaluate(
     its options (``{"lrp-epsilon": {"epsilon": 0.1}}``). ``versus``: explain each finding against this
     output (``logit_finding − logit_versus``, e.g. "No Finding") instead of its logit alone.
     ``timer``: a :class:`~.timing.StageTimer` to fill with the time of each stage (benchmarks).
+
+    A film that cannot be read, explained or scored is a failure: one line on stderr and one row of
+    ``failures.csv`` (file, stage ``read`` / ``explain`` / ``score``, reason), and the run goes on
+    (a rerun retries it); ``stop_on_error`` raises at the first one instead. ``dtype``: ``"float64"``
+    explains in double precision (the model is converted in place, as it is moved to ``device``).
+    ``notes``: warning lines recorded in ``run.json`` (default: the synthetic-model warning when a
+    model trained on the synthetic benchmark meets other films).
     """
     tm = timer if timer is not None else NO_TIMER
     t_start = time.perf_counter() if tm.enabled else 0.0
@@ -213,6 +248,8 @@ def evaluate(
         raise CxrExplainError(f"unknown --empty-region {empty_region!r}; use 'zero' or 'nan'")
     if batch_size < 1:
         raise CxrExplainError("--batch-size must be at least 1")
+    if dtype not in ("float32", "float64"):
+        raise CxrExplainError(f"--dtype {dtype!r}: use float32 or float64")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     info = _spec_info(model)
@@ -231,10 +268,16 @@ def evaluate(
             f"{_dataset_info(dataset)['root'] or 'the dataset'}: no image{' of split ' + repr(split) if split else ''} "
             f"has a box or mask of a finding "
             f"the model outputs ({', '.join(labels)}); check the box file and the model's labels")
+    if notes is None:
+        from ..models.default import synthetic_model_warning
+
+        note = synthetic_model_warning(model, [_dataset_info(dataset)["root"]])
+        notes = [note] if note else []
     settings = {"thresholds": thresholds, "resize": resize, "empty_region": empty_region, "scaling": scaling,
                 "masks": use_masks, "model": info, "methods": methods, "dataset": _dataset_info(dataset),
                 "method_settings": {m: configured[m].settings() for m in methods}, "versus": versus,
                 "split_filter": split, "batch_size": batch_size, "device": str(dev), "world_size": world,
+                "dtype": dtype, "warnings": list(notes),
                 "protocol": "docs/evaluation.md §1 (IoU of h>T vs box in original pixel space) + §2 Otsu/hit "
                             "+ §3 mass/rank/AUPRC"}
     if rank == 0:
@@ -250,10 +293,11 @@ def evaluate(
         writer.done |= done_main
     else:
         writer = ResultsWriter(main_path, columns, expected)
+    fail = _Failures(out / (FAILURES_FILE if world == 1 else f"failures.rank{rank}.csv"), stop_on_error)
     shard = sorted(gts)[rank::world]
     todo = [i for i in shard if any((ids[i], m) not in writer.done for m in methods)]
 
-    model = model.to(dev)
+    model = model.to(device=dev, dtype=torch.float64 if dtype == "float64" else torch.float32)
     model.eval()
     plan = batch_plan(todo, gts, batch_size)
     pos = {i: k for k, i in enumerate(todo)}
@@ -269,7 +313,7 @@ def evaluate(
                            desc="evaluate" + (f" rank {rank}" if world > 1 else ""))
     ctx = {"labels": labels, "pre": pre, "thresholds": thresholds, "resize": resize, "multilabel": info["multilabel"],
            "empty_region": empty_region, "scaling": scaling, "splits": splits, "out": out, "save_maps": save_maps,
-           "use_masks": use_masks, "versus": versus_index, "timer": tm}
+           "use_masks": use_masks, "versus": versus_index, "timer": tm, "dtype": dtype}
     if tm.enabled:
         tm.add("start-up", time.perf_counter() - t_start)
     try:
@@ -283,10 +327,16 @@ def evaluate(
             nb += 1
             if tm.enabled:
                 tm.add("decode", sum(it["decode_s"] for it in batch), len(batch))
+            readable = []
+            for it in batch:
+                if "failed" in it:
+                    fail(it["file"], "read", it["failed"])
+                else:
+                    readable.append(it)
             for m in methods:
-                items = [it for it in batch if (ids[it["index"]], m) not in writer.done]
+                items = [it for it in readable if (ids[it["index"]], m) not in writer.done]
                 if items:
-                    for rows in _score_batch(model, configured[m], items, gts, ctx):
+                    for rows in _score_items(model, configured[m], items, gts, ctx, fail):
                         with tm.stage("rows"):
                             writer.write_group(rows)
             with tm.stage("rows"):
@@ -301,12 +351,14 @@ def evaluate(
     d.barrier()
     if world > 1 and rank == 0:
         merge_results(main_path, [out / f"results.rank{r}.csv" for r in range(world)], columns)
+        merge_logs(out / FAILURES_FILE, [out / f"failures.rank{r}.csv" for r in range(world)], FAILURES_COLUMNS)
     d.barrier()
     if rank == 0 and stop_after_batches is None and faithfulness:
         from .faithfulness import run_faithfulness
 
-        run_faithfulness(model, dataset, out, methods, sorted(gts)[:faithfulness_images], gts, pre,
-                         progress=progress)
+        scored = set(read_results(main_path, columns)["image_id"])  # films that failed have no rows
+        chosen = [i for i in sorted(gts) if ids[i] in scored][:faithfulness_images]
+        run_faithfulness(model, dataset, out, methods, chosen, gts, pre, progress=progress)
     if tm.enabled:
         tm.add("finish", time.perf_counter() - t_end)
     return out
@@ -330,25 +382,46 @@ def _bbox_of(mask: np.ndarray) -> tuple[float, float, float, float]:
     return float(xs.min()), float(ys.min()), float(xs.max() - xs.min() + 1), float(ys.max() - ys.min() + 1)
 
 
-def _score_batch(model: nn.Module, configured: Method, items: list[dict], gts: dict, ctx: dict):
-    """Explain ``items`` with ``method`` (all findings of an image in one pass) and yield, per
-    image, the list of its result rows."""
-    labels, method, versus = ctx["labels"], configured.name, ctx["versus"]
+def _explain_items(model: nn.Module, configured: Method, items: list[dict], gts: dict, ctx: dict):
+    """Explain ``items`` with ``configured`` (all findings of an image in one pass)."""
+    labels, versus = ctx["labels"], ctx["versus"]
     x = torch.stack([it["x"] for it in items])
-    targets, class_lists = [], []
-    for it in items:
-        class_lists.append([find_label(f, labels) for f in findings_of(gts[it["index"]])])
-        targets.append(explain_targets(gts[it["index"]], labels, versus))
-    tm = ctx["timer"]
-    with warnings.catch_warnings(), tm.stage(f"explain {method}"):
-        warnings.simplefilter("ignore", RuntimeWarning)  # conservation notes: not a scoring problem
-        exp = explain(model, x, method=configured, target=targets)
-    maps = exp.maps.detach().float().cpu()
-    raw = exp.raw_maps.detach().float().cpu() if exp.raw_maps is not None else None  # CAM family: low-res map
-    logits = exp.logits.detach().float().cpu()
+    targets = [explain_targets(gts[it["index"]], labels, versus) for it in items]
+    with warnings.catch_warnings(), ctx["timer"].stage(f"explain {configured.name}"):
+        warnings.simplefilter("ignore", RuntimeWarning)  # conservation notes: the rows carry the error
+        return explain(model, x, method=configured, target=targets)
+
+
+def _score_items(model: nn.Module, configured: Method, items: list[dict], gts: dict, ctx: dict, fail):
+    """Explain ``items`` with ``configured`` and yield, per image, the list of its result rows. A
+    batch the method refuses is explained film by film, so that only the film at fault fails
+    (stage ``explain``); a film whose rows cannot be made fails at stage ``score``."""
+    method = configured.name
+    try:
+        exp = _explain_items(model, configured, items, gts, ctx)
+    except CxrExplainError as exc:
+        if len(items) > 1:
+            for it in items:
+                yield from _score_items(model, configured, [it], gts, ctx, fail)
+            return
+        path = items[0]["sample"].path
+        fail(str(path), "explain", f"{method}: {failure_reason(exc, path)}")
+        return
+    fdt = torch.float64 if ctx["dtype"] == "float64" else torch.float32
+    maps = exp.maps.detach().cpu().to(fdt)
+    raw = exp.raw_maps.detach().cpu().to(fdt) if exp.raw_maps is not None else None  # CAM family: low-res map
+    logits = exp.logits.detach().cpu().to(fdt)
+    cons = exp.conservation_error.detach().cpu().double() if exp.conservation_error is not None else None
     probs = torch.sigmoid(logits) if ctx["multilabel"] else torch.softmax(logits, dim=1)
     for b, it in enumerate(items):
-        yield _image_rows(it, method, b, maps, raw, logits, probs, class_lists[b], gts[it["index"]], ctx)
+        classes = [find_label(f, ctx["labels"]) for f in findings_of(gts[it["index"]])]
+        try:
+            rows = _image_rows(it, method, b, maps, raw, logits, probs, classes, gts[it["index"]], ctx, cons)
+        except (CxrExplainError, OSError) as exc:
+            path = it["sample"].path
+            fail(str(path), "score", f"{method}: {failure_reason(exc, path)}")
+            continue
+        yield rows
 
 
 def _normalized(src: torch.Tensor, H: int, W: int, ctx: dict) -> np.ndarray:
@@ -362,9 +435,12 @@ def _normalized(src: torch.Tensor, H: int, W: int, ctx: dict) -> np.ndarray:
 
 
 def _image_rows(it: dict, method: str, b: int, maps: torch.Tensor, raw: Optional[torch.Tensor], logits: torch.Tensor,
-                probs: torch.Tensor, classes: list[int], gts: list[GroundTruth], ctx: dict) -> list[dict]:
+                probs: torch.Tensor, classes: list[int], gts: list[GroundTruth], ctx: dict,
+                cons: Optional[torch.Tensor] = None) -> list[dict]:
     """The result rows of one image for one method (and its saved maps). Each finding's map is
-    resized, normalised and sorted once (:class:`MapScorer`), whatever the number of its regions."""
+    resized, normalised and sorted once (:class:`MapScorer`), whatever the number of its regions.
+    ``cons``: (B, K) conservation errors |Σ map − explained| / |explained| (propagation methods), as
+    ``explain`` reports them; None leaves the column empty."""
     tm = ctx["timer"]
     s: Sample = it["sample"]
     H, W = int(it["height"]), int(it["width"])
@@ -394,5 +470,6 @@ def _image_rows(it: dict, method: str, b: int, maps: torch.Tensor, raw: Optional
             "logit": float(logits[b, cls]), "prob": float(probs[b, cls]), "n_boxes": n_boxes, **sc,
             "split": ctx["splits"].get(s.image_id, ""), "map_file": map_file, "image_path": str(s.path),
             "height": H, "width": W, "box_x": bx[0], "box_y": bx[1], "box_w": bx[2], "box_h": bx[3],
+            "conservation_error": float(cons[b, k]) if cons is not None else None,
         })
     return rows

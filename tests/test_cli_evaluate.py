@@ -1,0 +1,127 @@
+"""``cxr-explain evaluate`` end to end on a tiny synthetic benchmark and a small ResNet-18 checkpoint:
+its flags, films that fail, the run record's warning."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cxr_explain.cli import main
+from cxr_explain.data.phantom import generate
+from cxr_explain.models import build_model
+from cxr_explain.models.checkpoints import save_checkpoint
+from cxr_explain.models.default import synthetic_model_warning
+from cxr_explain.models.zoo import BENCHMARK_LABELS
+from cxr_explain.results import read_results
+
+SIZE = 64  # films and model input: the maps need no resize, the run stays cheap
+
+
+def _checkpoint(path: Path, provenance: dict) -> Path:
+    import torch
+
+    torch.manual_seed(0)
+    model = build_model("resnet18", labels=list(BENCHMARK_LABELS), in_channels=1, preprocessing="gray",
+                        input_size=SIZE, provenance=provenance)
+    return save_checkpoint(path, model)
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory) -> dict:
+    """One phantom data folder, a copy of it that is not a benchmark (no phantom.json), and two
+    checkpoints (random weights; one whose provenance says it was trained on the benchmark)."""
+    root = tmp_path_factory.mktemp("cli_eval")
+    data = root / "phantom"
+    generate(data, 8, seed=3, size=SIZE, workers=1, progress=False)
+    other = root / "not_a_benchmark"
+    shutil.copytree(data, other)
+    (other / "phantom.json").unlink()
+    return {"data": data, "other": other,
+            "ckpt": _checkpoint(root / "plain.pt", {"weights": "random"}),
+            "synthetic": _checkpoint(root / "synthetic.pt", {"phantom": {"seed": 3, "n": 8}})}
+
+
+def _evaluate(bench: dict, out: Path, *extra: str, data: Path | None = None, ckpt: str = "ckpt",
+              methods: tuple[str, ...] = ("cam", "lrp")) -> int:
+    return main(["evaluate", "--data", str(data or bench["data"]), "--checkpoint", str(bench[ckpt]),
+                 "--methods", *methods, "--out", str(out), "--max-images", "3", "--batch-size", "2",
+                 "--no-progress", "--threads", "1", *extra])
+
+
+@pytest.mark.parametrize("flags", [(), ("--no-masks",), ("--no-report",), ("--no-maps",),
+                                   ("--no-masks", "--no-report"), ("--no-report", "--no-maps"),
+                                   ("--no-masks", "--no-maps"), ("--no-masks", "--no-report", "--no-maps")],
+                         ids=lambda f: "+".join(f) or "defaults")
+def test_flags_and_their_combinations_exit_0(bench, tmp_path, flags, capsys):
+    out = tmp_path / "out"
+    assert _evaluate(bench, out, *flags) == 0
+    df = read_results(out / "results.csv")
+    assert len(df) > 0 and set(df["method"]) == {"cam", "lrp"}
+    assert ("mask" in set(df["gt"])) != ("--no-masks" in flags)
+    assert (out / "report.html").is_file() != ("--no-report" in flags)
+    assert (out / "tables" / "table2_all_box.md").is_file()
+    assert bool(list(out.glob("maps/*/*.npz"))) != ("--no-maps" in flags)
+    assert (df["map_file"] == "").all() == ("--no-maps" in flags)
+    assert "Table 2" in capsys.readouterr().out
+
+
+def _corrupt_copy(bench: dict, where: Path) -> tuple[Path, Path]:
+    """A copy of the data whose first boxed film is not a PNG any more."""
+    from cxr_explain.data.nih import NIHDataset
+
+    data = where / "data"
+    shutil.copytree(bench["data"], data)
+    ds = NIHDataset(data, boxed_only=True, findings=list(BENCHMARK_LABELS))
+    bad = Path(ds.samples[0].path)
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n this film was cut short")
+    return data, bad
+
+
+def test_unreadable_film_is_recorded_and_the_run_goes_on(bench, tmp_path, capsys):
+    data, bad = _corrupt_copy(bench, tmp_path)
+    out = tmp_path / "out"
+    assert _evaluate(bench, out, "--no-report", data=data) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [ln for ln in err.splitlines() if bad.name in ln and "read failed" in ln]
+    assert len(lines) == 1
+    failures = pd.read_csv(out / "failures.csv")
+    assert list(failures.columns) == ["file", "stage", "reason"]
+    assert len(failures) == 1 and failures["stage"][0] == "read" and Path(failures["file"][0]).name == bad.name
+    assert "\n" not in failures["reason"][0] and failures["reason"][0]
+    df = read_results(out / "results.csv")
+    assert len(df) > 0 and bad.stem not in set(df["image_id"])  # the other films were scored
+    assert df["image_id"].nunique() == 2  # --max-images 3 counts the failed film
+
+    # fail-fast: the same film stops the run with one line and exit status 2
+    out2 = tmp_path / "out2"
+    assert _evaluate(bench, out2, "--no-report", "--stop-on-error", data=data) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and bad.name in err and len(err.strip().splitlines()) == 1
+    assert not len(read_results(out2 / "results.csv"))
+
+
+def test_run_record_keeps_the_synthetic_model_warning(bench, tmp_path):
+    import torch
+
+    out = tmp_path / "other"
+    with pytest.warns(UserWarning) as caught:
+        assert _evaluate(bench, out, "--no-report", "--no-maps", data=bench["other"], ckpt="synthetic",
+                         methods=("cam",)) == 0
+    model = build_model("resnet18", labels=list(BENCHMARK_LABELS), in_channels=1, preprocessing="gray",
+                        input_size=SIZE, provenance=torch.load(bench["synthetic"], weights_only=True)["provenance"])
+    line = synthetic_model_warning(model, [bench["other"]], shipped=False)
+    assert line and json.loads((out / "run.json").read_text())["warnings"] == [line]
+    assert line in [str(w.message) for w in caught]
+    film = next((bench["other"] / "images").glob("*.png"))  # explain records the same line
+    assert main(["explain", str(film), "--checkpoint", str(bench["synthetic"]), "--method", "cam",
+                 "--out", str(tmp_path / "explain"), "--no-progress"]) == 0
+    assert json.loads((tmp_path / "explain" / "run.json").read_text())["warnings"] == [line]
+
+    out = tmp_path / "bench"  # on its own benchmark the model warns about nothing
+    assert _evaluate(bench, out, "--no-report", "--no-maps", ckpt="synthetic", methods=("cam",)) == 0
+    assert json.loads((out / "run.json").read_text())["warnings"] == []
