@@ -1,5 +1,5 @@
 """``cxr-explain evaluate`` end to end on a tiny synthetic benchmark and a small ResNet-18 checkpoint:
-its flags, films that fail, the run record's warning."""
+its flags, films that fail, the conservation column, the run record's warning."""
 from __future__ import annotations
 
 import json
@@ -103,6 +103,61 @@ def test_unreadable_film_is_recorded_and_the_run_goes_on(bench, tmp_path, capsys
     err = capsys.readouterr().err
     assert "Traceback" not in err and bad.name in err and len(err.strip().splitlines()) == 1
     assert not len(read_results(out2 / "results.csv"))
+
+
+def test_conservation_error_column_and_its_summary(bench, tmp_path):
+    out = tmp_path / "eval"
+    assert _evaluate(bench, out, "--no-masks", "--no-maps", methods=("cam", "lrp", "rap")) == 0
+    df = read_results(out / "results.csv")
+    cam, lrp = df[df["method"] == "cam"], df[df["method"] == "lrp"]
+    assert cam["conservation_error"].isna().all()  # CAM promises nothing: empty
+    assert np.isfinite(lrp["conservation_error"]).all() and (lrp["conservation_error"] < 1e-5).all()
+    # the summary: the distribution per method (median, max over explained maps), none for CAM
+    table = pd.read_csv(out / "tables" / "conservation.csv")  # full precision (the JSON keeps 10 decimals)
+    got = {r["method"]: r for r in table.to_dict("records")}
+    assert set(got) == {"lrp", "rap"}
+    per_map = lrp.drop_duplicates(["image_id", "finding"])["conservation_error"].to_numpy()
+    assert got["lrp"]["n"] == len(per_map)
+    np.testing.assert_allclose([got["lrp"]["median"], got["lrp"]["max"]], [np.median(per_map), per_map.max()])
+    assert "Conservation error per method" in (out / "report.html").read_text()
+
+
+def _tiny_vit():
+    """torchvision's ViT at 32 px with a non-zero head: AttnLRP's ε-rule lets biases absorb
+    relevance, so each map has a real conservation error (CNN methods conserve to rounding)."""
+    import torch
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    from cxr_explain.models.zoo import ModelSpec
+
+    torch.manual_seed(0)
+    m = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32,
+                          num_classes=len(BENCHMARK_LABELS))
+    with torch.no_grad():
+        m.heads.head.weight.normal_(0, 0.5)
+        m.heads.head.bias.normal_(0, 0.1)
+    m.cxr_spec = ModelSpec(arch="tiny-vit", labels=list(BENCHMARK_LABELS), preprocessing="imagenet-rgb", input_size=32)
+    return m.eval()
+
+
+def test_conservation_error_column_matches_explain(bench, tmp_path):
+    """The column holds what ``explain`` reports for the same film and finding, explained alone."""
+    from cxr_explain import explain
+    from cxr_explain.data.images import get_preprocessing
+    from cxr_explain.data.nih import NIHDataset
+    from cxr_explain.evaluation import evaluate
+
+    ds = NIHDataset(bench["data"], boxed_only=True, findings=list(BENCHMARK_LABELS))
+    evaluate(_tiny_vit(), ds, ("attnlrp",), out_dir=tmp_path, batch_size=4, progress=False, use_masks=False,
+             save_maps=False, max_images=4)
+    df = read_results(tmp_path / "results.csv").drop_duplicates(["image_id", "finding"])
+    assert len(df) >= 4 and (df["conservation_error"] > 1e-3).all()
+    pre = get_preprocessing("imagenet-rgb", 32)
+    model = _tiny_vit()
+    for _, row in df.iterrows():
+        i = next(k for k, s in enumerate(ds.samples) if s.image_id == row["image_id"])
+        e = explain(model, pre(ds.read_image(i))[0][None], "attnlrp", target=row["finding"], check_conservation=False)
+        np.testing.assert_allclose(row["conservation_error"], float(e.conservation_error[0]), rtol=1e-4)
 
 
 def test_run_record_keeps_the_synthetic_model_warning(bench, tmp_path):
