@@ -255,3 +255,38 @@ def test_demo_with_a_given_model(tmp_path, capsys):
     assert report.is_file() and "| 0.1 | CAM |" in out and str(report.resolve()) in out
     df = read_results(tmp_path / "results" / "results.csv")
     assert df["image_id"].nunique() == 2 and (df["split"] == "test").all()
+
+
+def test_batches_hold_films_with_as_many_targets(dataset, tmp_path, monkeypatch):
+    """Films are batched by their number of findings, so no padded target is propagated; the rows
+    equal those of batches in dataset order (ragged target lists padded with −1), in float64."""
+    from cxr_explain.evaluation import runner
+    from cxr_explain.evaluation.runner import batch_plan, findings_of, select_images
+
+    gts = select_images(dataset, list(BENCHMARK_LABELS))
+    counts = {i: len(findings_of(g)) for i, g in gts.items()}
+
+    def former(indices, gts, batch_size):
+        idx = list(indices)
+        return [idx[k:k + batch_size] for k in range(0, len(idx), batch_size)]
+
+    assert any(len({counts[i] for i in b}) > 1 for b in former(sorted(gts), gts, 4))  # the set has ragged batches
+    plan = batch_plan(sorted(gts), gts, 4)
+    assert sorted(i for b in plan for i in b) == sorted(gts)
+    assert all(len(b) <= 4 and len({counts[i] for i in b}) == 1 for b in plan)
+
+    asked = []
+    real_explain = runner.explain
+
+    def spy(model, x, method, target):
+        asked.append([len(t) for t in target])
+        return real_explain(model, x, method=method, target=target)
+
+    monkeypatch.setattr(runner, "explain", spy)
+    evaluate(tiny_model(), dataset, METHODS, out_dir=tmp_path / "new", batch_size=4, progress=False, dtype="float64")
+    assert asked and all(len(set(n)) == 1 for n in asked)  # every batch: as many targets per film
+    monkeypatch.setattr(runner, "batch_plan", former)
+    evaluate(tiny_model(), dataset, METHODS, out_dir=tmp_path / "old", batch_size=4, progress=False, dtype="float64")
+    assert any(len(set(n)) > 1 for n in asked)
+    pd.testing.assert_frame_equal(_rows(tmp_path / "new"), _rows(tmp_path / "old"), check_exact=False,
+                                  rtol=1e-9, atol=1e-12)
