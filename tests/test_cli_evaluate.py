@@ -180,3 +180,44 @@ def test_run_record_keeps_the_synthetic_model_warning(bench, tmp_path):
     out = tmp_path / "bench"  # on its own benchmark the model warns about nothing
     assert _evaluate(bench, out, "--no-report", "--no-maps", ckpt="synthetic", methods=("cam",)) == 0
     assert json.loads((out / "run.json").read_text())["warnings"] == []
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_two_ranks_give_one_process_rows(bench, tmp_path):
+    """``torchrun --nproc_per_node 2`` (gloo, CPU) over the CLI, with the whole-set CheXlocalize
+    analysis: exit 0, rank 0 alone writes the tables and the report, rows equal to one process's
+    (float64)."""
+    import os
+    import subprocess
+    import sys
+
+    from cxr_explain.results import ROW_KEY
+
+    args = ["evaluate", "--data", str(bench["data"]), "--checkpoint", str(bench["ckpt"]), "--methods", "cam", "lrp",
+            "--max-images", "4", "--batch-size", "2", "--no-progress", "--dtype", "float64", "--chexlocalize",
+            "--threads", "1"]
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                        f"--master_port={_free_port()}", "-m", "cxr_explain.cli", *args, "--out", str(tmp_path / "two")],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("### Table 2 —") == 1 and r.stdout.count("report: ") == 1  # rank 0 only
+    two = tmp_path / "two"
+    assert not list(two.glob("results.rank*.csv")) and not list(two.glob("**/*.tmp"))
+    assert (two / "report.html").is_file() and (two / "tables" / "chexlocalize.md").is_file()
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    got, want = (read_results(p / "results.csv").sort_values(ROW_KEY).reset_index(drop=True)
+                 for p in (two, tmp_path / "one"))
+    assert got["image_id"].nunique() >= 2  # both ranks had films
+    records = [pd.read_csv(p / "chexlocalize_records.csv") for p in (two, tmp_path / "one")]
+    assert len(records[0]) == len(records[1]) and not records[0].duplicated(ROW_KEY).any()  # one writer
+    pd.testing.assert_frame_equal(got.drop(columns=["map_file"]), want.drop(columns=["map_file"]),
+                                  check_exact=False, rtol=1e-9, atol=1e-12)

@@ -4,7 +4,6 @@ do not know each other: :mod:`.evaluation` writes a results folder, :mod:`.repor
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -201,6 +200,13 @@ def evaluate_cli(args) -> int:
                    method_options=method_options, versus=getattr(args, "versus", None),
                    stop_on_error=bool(getattr(args, "stop_on_error", False)),
                    dtype=getattr(args, "dtype", "float32") or "float32", notes=[note] if note else [])
+    from .runtime import current_dist
+
+    if current_dist().rank != 0:
+        # under torchrun the ranks shared the films; evaluate merged their rows behind a barrier.
+        # Rank 0 alone runs the whole-set analyses and writes the tables and the report: two
+        # writers of one file race on its atomic rename.
+        return 0
     cxl_table = None
     if cxl:
         from .evaluation.chexlocalize import run_chexlocalize
@@ -216,8 +222,6 @@ def evaluate_cli(args) -> int:
         intention_analysis(model, ds, methods=args.methods, finding=args.intention, out_dir=out,
                            batch_size=args.batch_size, device=args.device, progress=not args.no_progress,
                            split=args.split, max_images=args.max_images)
-    if int(os.environ.get("RANK", "0") or 0) != 0:
-        return 0  # rank 0 writes the tables and the report
     failed = read_rows(Path(out) / FAILURES_FILE, FAILURES_COLUMNS)
     if failed:
         print(f"cxr-explain evaluate: {len(failed)} failure(s) recorded in {(Path(out) / FAILURES_FILE).resolve()}",
