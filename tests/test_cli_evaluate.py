@@ -221,3 +221,22 @@ def test_torchrun_two_ranks_give_one_process_rows(bench, tmp_path):
     assert len(records[0]) == len(records[1]) and not records[0].duplicated(ROW_KEY).any()  # one writer
     pd.testing.assert_frame_equal(got.drop(columns=["map_file"]), want.drop(columns=["map_file"]),
                                   check_exact=False, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("bad, says", [(["--methods", "lrpp"], "lrpp"), (["--thresholds", "1.5"], "[0, 1)"),
+                                       (["--batch-size", "0"], "--batch-size"), (["--out", "FILE"], "is a file"),
+                                       (["--checkpoint", "NOTCKPT"], "NOTCKPT"), (["--device", "cuda:7"], "cuda")])
+def test_bad_options_stop_before_the_model_loads(bench, tmp_path, monkeypatch, capsys, bad, says):
+    import cxr_explain.commands as commands
+
+    def no_loading(args):
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr(commands, "load_model_from_args", no_loading)
+    (tmp_path / "FILE").write_text("x")
+    (tmp_path / "NOTCKPT").write_text("not a checkpoint")
+    bad = [str(tmp_path / b) if b in ("FILE", "NOTCKPT") else b for b in bad]
+    argv = ["evaluate", "--data", str(bench["data"]), "--out", str(tmp_path / "out"), "--no-progress", *bad]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and says in err, err
