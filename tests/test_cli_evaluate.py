@@ -240,3 +240,15 @@ def test_bad_options_stop_before_the_model_loads(bench, tmp_path, monkeypatch, c
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and says in err, err
+
+
+def test_a_rerun_with_other_scoring_settings_stops_before_the_model_loads(bench, tmp_path, monkeypatch, capsys):
+    import cxr_explain.commands as commands
+
+    out = tmp_path / "out"
+    assert _evaluate(bench, out, "--no-report", "--no-maps", "--thresholds", "0.2", methods=("cam",)) == 0
+    monkeypatch.setattr(commands, "load_model_from_args", lambda args: pytest.fail("model loaded"))
+    capsys.readouterr()
+    assert _evaluate(bench, out, "--no-report", "--thresholds", "0.3", methods=("cam",)) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "another thresholds" in err and "[0.2]" in err

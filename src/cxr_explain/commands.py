@@ -169,7 +169,23 @@ def check_evaluate_options(args) -> dict:
 
         checkpoint_container(args.checkpoint)
     check_device(args.device)
+    _check_earlier_run(out, args)
     return method_options
+
+
+def _check_earlier_run(out: Path, args) -> None:
+    """A rerun into ``--out`` must keep the scoring settings its ``run.json`` records; those the
+    options alone fix are compared here, before the model loads (the model itself is compared
+    when the run is recorded, :func:`cxr_explain.results.run.record_run`)."""
+    from .results.run import load_run
+
+    old = load_run(out) if out.is_dir() else {}
+    now = {"thresholds": [float(t) for t in args.thresholds], "resize": args.resize,
+           "empty_region": args.empty_region, "masks": not args.no_masks, "versus": getattr(args, "versus", None)}
+    for k, v in now.items():
+        if k in old and old[k] != v:
+            raise CxrExplainError(f"{out} holds results made with another {k} ({old[k]!r}, now {v!r}); "
+                                  "evaluate into a new --out folder or delete it")
 
 
 def evaluate_cli(args) -> int:
