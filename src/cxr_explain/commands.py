@@ -231,7 +231,8 @@ def evaluate_cli(args) -> int:
             model, ds, args.methods, out, segmentation=args.chexlocalize_segmentation,
             cutoffs=args.chexlocalize_cutoffs, mode=args.chexlocalize_iou, split=args.split,
             max_images=args.max_images, batch_size=args.batch_size, device=args.device, workers=args.workers,
-            progress=not args.no_progress, method_options=method_options)
+            progress=not args.no_progress, method_options=method_options,
+            exclude=[f["file"] for f in read_rows(Path(out) / FAILURES_FILE, FAILURES_COLUMNS) if f["stage"] == "read"])
     if getattr(args, "intention", None):
         from .evaluation.intention import intention_analysis
 
