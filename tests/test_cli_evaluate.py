@@ -84,7 +84,7 @@ def _corrupt_copy(bench: dict, where: Path) -> tuple[Path, Path]:
 def test_unreadable_film_is_recorded_and_the_run_goes_on(bench, tmp_path, capsys):
     data, bad = _corrupt_copy(bench, tmp_path)
     out = tmp_path / "out"
-    assert _evaluate(bench, out, "--no-report", "--chexlocalize", data=data) == 1
+    assert _evaluate(bench, out, "--no-report", "--chexlocalize", "--intention", "Nodule", data=data) == 1
     err = capsys.readouterr().err
     assert "Traceback" not in err
     lines = [ln for ln in err.splitlines() if bad.name in ln and "read failed" in ln]
@@ -98,6 +98,8 @@ def test_unreadable_film_is_recorded_and_the_run_goes_on(bench, tmp_path, capsys
     assert df["image_id"].nunique() == 2  # --max-images 3 counts the failed film
     records = pd.read_csv(out / "chexlocalize_records.csv")  # the whole-set protocol leaves it out too
     assert len(records) and bad.name not in set(records["image_id"]) and (out / "tables" / "chexlocalize.md").is_file()
+    shares = pd.read_csv(out / "intention.csv")
+    assert len(shares) and bad.name not in set(shares["image_id"])
 
     # fail-fast: the same film stops the run with one line and exit status 2
     out2 = tmp_path / "out2"

@@ -223,6 +223,7 @@ def evaluate_cli(args) -> int:
         # Rank 0 alone runs the whole-set analyses and writes the tables and the report: two
         # writers of one file race on its atomic rename.
         return 0
+    unreadable = [f["file"] for f in read_rows(Path(out) / FAILURES_FILE, FAILURES_COLUMNS) if f["stage"] == "read"]
     cxl_table = None
     if cxl:
         from .evaluation.chexlocalize import run_chexlocalize
@@ -232,13 +233,13 @@ def evaluate_cli(args) -> int:
             cutoffs=args.chexlocalize_cutoffs, mode=args.chexlocalize_iou, split=args.split,
             max_images=args.max_images, batch_size=args.batch_size, device=args.device, workers=args.workers,
             progress=not args.no_progress, method_options=method_options,
-            exclude=[f["file"] for f in read_rows(Path(out) / FAILURES_FILE, FAILURES_COLUMNS) if f["stage"] == "read"])
+            exclude=unreadable)
     if getattr(args, "intention", None):
         from .evaluation.intention import intention_analysis
 
         intention_analysis(model, ds, methods=args.methods, finding=args.intention, out_dir=out,
                            batch_size=args.batch_size, device=args.device, progress=not args.no_progress,
-                           split=args.split, max_images=args.max_images)
+                           split=args.split, max_images=args.max_images, exclude=unreadable)
     failed = read_rows(Path(out) / FAILURES_FILE, FAILURES_COLUMNS)
     if failed:
         print(f"cxr-explain evaluate: {len(failed)} failure(s) recorded in {(Path(out) / FAILURES_FILE).resolve()}",
