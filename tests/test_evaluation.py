@@ -290,3 +290,38 @@ def test_batches_hold_films_with_as_many_targets(dataset, tmp_path, monkeypatch)
     assert any(len(set(n)) > 1 for n in asked)
     pd.testing.assert_frame_equal(_rows(tmp_path / "new"), _rows(tmp_path / "old"), check_exact=False,
                                   rtol=1e-9, atol=1e-12)
+
+
+def test_a_film_the_method_refuses_fails_alone(dataset, tmp_path, monkeypatch, capsys):
+    """A batch the method refuses is explained film by film: only the film at fault is a failure
+    (stage explain), the others of its batch get their rows, as a batch without it would."""
+    from cxr_explain.evaluation import runner
+
+    real_explain = runner.explain
+    bad = dataset.samples[sorted(runner.select_images(dataset, list(BENCHMARK_LABELS)))[1]]
+    poisoned = {}
+
+    def refusing(model, x, method, target):
+        for k in range(len(x)):
+            if any(torch.equal(x[k], p) for p in poisoned.values()):
+                raise CxrExplainError(f"{method.name}: cannot explain this film")
+        return real_explain(model, x, method=method, target=target)
+
+    gts = runner.select_images(dataset, list(BENCHMARK_LABELS), use_masks=False)
+    i_bad = dataset.samples.index(bad)
+    assert len(next(b for b in runner.batch_plan(sorted(gts), gts, 4) if i_bad in b)) > 1  # it has company
+    pre = get_preprocessing("gray", INPUT)
+    poisoned["x"] = pre(dataset.read_image(dataset.samples.index(bad)))[0]
+    monkeypatch.setattr(runner, "explain", refusing)
+    evaluate(tiny_model(), dataset, ("lrp",), out_dir=tmp_path, batch_size=4, progress=False, use_masks=False)
+    failures = pd.read_csv(tmp_path / "failures.csv")
+    assert failures[["stage"]].values.ravel().tolist() == ["explain"] and failures["file"][0] == str(bad.path)
+    assert "lrp: cannot explain this film" in failures["reason"][0]
+    assert f"{bad.path}: explain failed" in capsys.readouterr().err
+    got = _rows(tmp_path)
+    assert bad.image_id not in set(got["image_id"])
+    monkeypatch.setattr(runner, "explain", real_explain)
+    evaluate(tiny_model(), dataset, ("lrp",), out_dir=tmp_path / "all", batch_size=4, progress=False, use_masks=False)
+    want = _rows(tmp_path / "all")
+    want = want[want["image_id"] != bad.image_id].reset_index(drop=True)
+    pd.testing.assert_frame_equal(got, want, check_exact=False, rtol=1e-5, atol=1e-6)
