@@ -278,9 +278,9 @@ def test_batches_hold_films_with_as_many_targets(dataset, tmp_path, monkeypatch)
     asked = []
     real_explain = runner.explain
 
-    def spy(model, x, method, target):
+    def spy(model, x, method, target, **kw):
         asked.append([len(t) for t in target])
-        return real_explain(model, x, method=method, target=target)
+        return real_explain(model, x, method=method, target=target, **kw)
 
     monkeypatch.setattr(runner, "explain", spy)
     evaluate(tiny_model(), dataset, METHODS, out_dir=tmp_path / "new", batch_size=4, progress=False, dtype="float64")
@@ -301,11 +301,11 @@ def test_a_film_the_method_refuses_fails_alone(dataset, tmp_path, monkeypatch, c
     bad = dataset.samples[sorted(runner.select_images(dataset, list(BENCHMARK_LABELS)))[1]]
     poisoned = {}
 
-    def refusing(model, x, method, target):
+    def refusing(model, x, method, target, **kw):
         for k in range(len(x)):
             if any(torch.equal(x[k], p) for p in poisoned.values()):
                 raise CxrExplainError(f"{method.name}: cannot explain this film")
-        return real_explain(model, x, method=method, target=target)
+        return real_explain(model, x, method=method, target=target, **kw)
 
     gts = runner.select_images(dataset, list(BENCHMARK_LABELS), use_masks=False)
     i_bad = dataset.samples.index(bad)
@@ -325,3 +325,11 @@ def test_a_film_the_method_refuses_fails_alone(dataset, tmp_path, monkeypatch, c
     want = _rows(tmp_path / "all")
     want = want[want["image_id"] != bad.image_id].reset_index(drop=True)
     pd.testing.assert_frame_equal(got, want, check_exact=False, rtol=1e-5, atol=1e-6)
+
+
+def test_a_method_the_model_cannot_take_stops_before_any_film(dataset, tmp_path):
+    with pytest.raises(CxrExplainError, match="attnlrp") as err:
+        evaluate(tiny_model(), dataset, ("cam", "attnlrp"), out_dir=tmp_path, progress=False)
+    assert "\n" not in str(err.value)
+    assert len(read_results(tmp_path / "results.csv")) == 0
+    assert not pd.read_csv(tmp_path / "failures.csv").shape[0]

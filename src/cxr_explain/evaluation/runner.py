@@ -172,6 +172,33 @@ def _identity_geometry(pre: Preprocessing, h: int, w: int) -> bool:
     return g.x0 == 0 and g.y0 == 0 and g.crop_w == w and g.crop_h == h
 
 
+def _probe(model: nn.Module, methods: Sequence[Method], channels: int, size: int, device: torch.device) -> None:
+    """Run each method once on a random input (first output), so that a method the model cannot
+    take (attention rules on a CNN, a CAM without a spatial map) stops the run here with one line,
+    rather than failing on every film. The probe is 32 px (what fails is the model's structure);
+    a failure there is confirmed at the model's input size before it is reported."""
+    from ..models.zoo import MIN_INPUT_SIZE
+
+    dtype = next((p.dtype for p in model.parameters()), torch.float32)
+
+    def attempt(method: Method, side: int) -> None:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(1, channels, side, side, generator=g).to(device=device, dtype=dtype)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            explain(model, x, method=method, target=[[0]], check_conservation=False)
+
+    for method in methods:
+        try:
+            attempt(method, min(size, MIN_INPUT_SIZE))
+        except CxrExplainError:
+            try:
+                attempt(method, size)
+            except CxrExplainError as exc:
+                msg = str(exc)
+                raise CxrExplainError(msg if msg.startswith(method.name) else f"{method.name}: {msg}") from None
+
+
 class _Failures:
     """This run's failures: each one row of ``failures.csv`` and one line on stderr, or, with
     ``stop``, the error that ends the run."""
@@ -305,6 +332,8 @@ def evaluate(
 
     model = model.to(device=dev, dtype=torch.float64 if dtype == "float64" else torch.float32)
     model.eval()
+    if todo:
+        _probe(model, [configured[m] for m in methods], pre.channels, info["input_size"], dev)
     plan = batch_plan(todo, gts, batch_size)
     pos = {i: k for k, i in enumerate(todo)}
     loader = torch.utils.data.DataLoader(
