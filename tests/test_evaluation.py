@@ -255,3 +255,81 @@ def test_demo_with_a_given_model(tmp_path, capsys):
     assert report.is_file() and "| 0.1 | CAM |" in out and str(report.resolve()) in out
     df = read_results(tmp_path / "results" / "results.csv")
     assert df["image_id"].nunique() == 2 and (df["split"] == "test").all()
+
+
+def test_batches_hold_films_with_as_many_targets(dataset, tmp_path, monkeypatch):
+    """Films are batched by their number of findings, so no padded target is propagated; the rows
+    equal those of batches in dataset order (ragged target lists padded with −1), in float64."""
+    from cxr_explain.evaluation import runner
+    from cxr_explain.evaluation.runner import batch_plan, findings_of, select_images
+
+    gts = select_images(dataset, list(BENCHMARK_LABELS))
+    counts = {i: len(findings_of(g)) for i, g in gts.items()}
+
+    def former(indices, gts, batch_size):
+        idx = list(indices)
+        return [idx[k:k + batch_size] for k in range(0, len(idx), batch_size)]
+
+    assert any(len({counts[i] for i in b}) > 1 for b in former(sorted(gts), gts, 4))  # the set has ragged batches
+    plan = batch_plan(sorted(gts), gts, 4)
+    assert sorted(i for b in plan for i in b) == sorted(gts)
+    assert all(len(b) <= 4 and len({counts[i] for i in b}) == 1 for b in plan)
+
+    asked = []
+    real_explain = runner.explain
+
+    def spy(model, x, method, target, **kw):
+        asked.append([len(t) for t in target])
+        return real_explain(model, x, method=method, target=target, **kw)
+
+    monkeypatch.setattr(runner, "explain", spy)
+    evaluate(tiny_model(), dataset, METHODS, out_dir=tmp_path / "new", batch_size=4, progress=False, dtype="float64")
+    assert asked and all(len(set(n)) == 1 for n in asked)  # every batch: as many targets per film
+    monkeypatch.setattr(runner, "batch_plan", former)
+    evaluate(tiny_model(), dataset, METHODS, out_dir=tmp_path / "old", batch_size=4, progress=False, dtype="float64")
+    assert any(len(set(n)) > 1 for n in asked)
+    pd.testing.assert_frame_equal(_rows(tmp_path / "new"), _rows(tmp_path / "old"), check_exact=False,
+                                  rtol=1e-9, atol=1e-12)
+
+
+def test_a_film_the_method_refuses_fails_alone(dataset, tmp_path, monkeypatch, capsys):
+    """A batch the method refuses is explained film by film: only the film at fault is a failure
+    (stage explain), the others of its batch get their rows, as a batch without it would."""
+    from cxr_explain.evaluation import runner
+
+    real_explain = runner.explain
+    bad = dataset.samples[sorted(runner.select_images(dataset, list(BENCHMARK_LABELS)))[1]]
+    poisoned = {}
+
+    def refusing(model, x, method, target, **kw):
+        for k in range(len(x)):
+            if any(torch.equal(x[k], p) for p in poisoned.values()):
+                raise CxrExplainError(f"{method.name}: cannot explain this film")
+        return real_explain(model, x, method=method, target=target, **kw)
+
+    gts = runner.select_images(dataset, list(BENCHMARK_LABELS), use_masks=False)
+    i_bad = dataset.samples.index(bad)
+    assert len(next(b for b in runner.batch_plan(sorted(gts), gts, 4) if i_bad in b)) > 1  # it has company
+    pre = get_preprocessing("gray", INPUT)
+    poisoned["x"] = pre(dataset.read_image(dataset.samples.index(bad)))[0]
+    monkeypatch.setattr(runner, "explain", refusing)
+    evaluate(tiny_model(), dataset, ("lrp",), out_dir=tmp_path, batch_size=4, progress=False, use_masks=False)
+    failures = pd.read_csv(tmp_path / "failures.csv")
+    assert failures[["stage"]].values.ravel().tolist() == ["explain"] and failures["file"][0] == str(bad.path)
+    assert "lrp: cannot explain this film" in failures["reason"][0]
+    assert f"{bad.path}: explain failed" in capsys.readouterr().err
+    got = _rows(tmp_path)
+    assert bad.image_id not in set(got["image_id"])
+    monkeypatch.setattr(runner, "explain", real_explain)
+    evaluate(tiny_model(), dataset, ("lrp",), out_dir=tmp_path / "all", batch_size=4, progress=False, use_masks=False)
+    want = _rows(tmp_path / "all")
+    want = want[want["image_id"] != bad.image_id].reset_index(drop=True)
+    pd.testing.assert_frame_equal(got, want, check_exact=False, rtol=1e-5, atol=1e-6)
+
+
+def test_a_method_the_model_cannot_take_stops_before_any_film(dataset, tmp_path):
+    with pytest.raises(CxrExplainError, match="attnlrp") as err:
+        evaluate(tiny_model(), dataset, ("cam", "attnlrp"), out_dir=tmp_path, progress=False)
+    assert "\n" not in str(err.value)
+    assert len(read_results(tmp_path / "results.csv")) == 0
+    assert not pd.read_csv(tmp_path / "failures.csv").shape[0]

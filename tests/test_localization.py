@@ -18,6 +18,7 @@ from cxr_explain.metrics.localization import (
     hit,
     iou_at_thresholds,
     localization_scores,
+    MapScorer,
     normalize_map,
     otsu_iou,
     otsu_threshold,
@@ -431,6 +432,24 @@ def test_metric_functions_on_signed_maps_equal_the_reference(case):
         np.testing.assert_array_equal(new_fn(h, gt), old_fn(h, gt))
     for new_fn, old_fn in [(relevance_mass, old.relevance_mass), (auprc, old.auprc)]:
         np.testing.assert_allclose(new_fn(h, gt), old_fn(h, gt), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", range(len(_fixed_cases())))
+def test_one_map_scored_against_many_regions_equals_one_call_per_region(case):
+    """evaluate sorts a map once for all regions of its finding (several boxes, a mask): each row
+    must be bit for bit the one-region call's, whatever order the regions come in."""
+    raw, gt, kw = _fixed_cases()[case]
+    th = kw.get("thresholds", PAPER_THRESHOLDS)
+    hn = normalize_map(raw, resize_to=gt.shape, mode=kw.get("resize", "bilinear"), scaling=kw.get("scaling", "clip"))
+    scorer = MapScorer(hn)
+    rng = np.random.default_rng(case)
+    other = np.zeros(gt.shape, bool)
+    other[rng.integers(0, 50):rng.integers(50, 96), rng.integers(0, 50):rng.integers(50, 112)] = True
+    for region in (gt, other, ~gt, gt):  # again after another region: nothing of the first one is kept
+        want = localization_scores(raw, region, **kw)
+        got = scorer.scores(region, th, kw.get("empty_region", "zero"))
+        assert list(got) == list(want)
+        np.testing.assert_array_equal(list(got.values()), list(want.values()))
 
 
 def test_sorted_heatmap_counts_and_errors():

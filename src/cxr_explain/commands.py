@@ -4,7 +4,7 @@ do not know each other: :mod:`.evaluation` writes a results folder, :mod:`.repor
 from __future__ import annotations
 
 import argparse
-import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -58,6 +58,10 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParse
                    help="probability cut-off per pathology tuned on the val split (scores every finding of every image)")
     g.add_argument("--chexlocalize-iou", choices=["true_positive", "full"], default="true_positive",
                    help="mIoU over the true-positive slice (default, the benchmark's) or the full set")
+    p.add_argument("--dtype", choices=["float32", "float64"], default="float32",
+                   help="float64 gives reference-grade LRP/RAP (slower)")
+    p.add_argument("--stop-on-error", action="store_true",
+                   help="stop at the first film that fails (default: record it in failures.csv and go on)")
     p.add_argument("--no-report", action="store_true", help="skip tables, figures and report.html")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -135,19 +139,67 @@ def _chexlocalize_all_pairs(args) -> bool:
             or getattr(args, "chexlocalize_iou", "true_positive") == "full")
 
 
-def evaluate_cli(args) -> Path:
+def check_evaluate_options(args) -> dict:
+    """Every check of ``cxr-explain evaluate``'s options that needs no model (run before it is
+    loaded, so that a bad option costs no loading): the data folder and its layout, methods and
+    their options, thresholds, batch size, ``--out`` (a folder), ``--checkpoint`` (a file
+    ``torch.load`` could read), ``--device``. Returns the parsed method options."""
+    from .attribution.methods import get_method, parse_method_options
+    from .runtime import check_device
+
+    layout = resolve_layout(args)
+    if layout in ("chexpert", "mimic"):
+        raise CxrExplainError(
+            f"{args.data}: {layout} label files have no lesion masks or boxes to score heat maps "
+            "against; for localisation use CheXlocalize (its gt_segmentations_*.json beside the CheXpert files)")
+    if not args.methods:
+        raise CxrExplainError("no explanation method given; pass e.g. --methods cam lrp rap")
+    method_options = parse_method_options(args.methods, getattr(args, "method_option", None) or [])
+    for name, opts in method_options.items():
+        get_method(name, **opts)
+    if not args.thresholds or any(not 0.0 <= t < 1.0 for t in args.thresholds):
+        raise CxrExplainError(f"--thresholds {args.thresholds} must lie in [0, 1)")
+    if args.batch_size < 1:
+        raise CxrExplainError("--batch-size must be at least 1")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CxrExplainError(f"--out {out} is a file; give a folder for the results (it is created if missing)")
+    if getattr(args, "checkpoint", None):
+        from .models.checkpoints import checkpoint_container
+
+        checkpoint_container(args.checkpoint)
+    check_device(args.device)
+    _check_earlier_run(out, args)
+    return method_options
+
+
+def _check_earlier_run(out: Path, args) -> None:
+    """A rerun into ``--out`` must keep the scoring settings its ``run.json`` records; those the
+    options alone fix are compared here, before the model loads (the model itself is compared
+    when the run is recorded, :func:`cxr_explain.results.run.record_run`)."""
+    from .results.run import load_run
+
+    old = load_run(out) if out.is_dir() else {}
+    now = {"thresholds": [float(t) for t in args.thresholds], "resize": args.resize,
+           "empty_region": args.empty_region, "masks": not args.no_masks, "versus": getattr(args, "versus", None)}
+    for k, v in now.items():
+        if k in old and old[k] != v:
+            raise CxrExplainError(f"{out} holds results made with another {k} ({old[k]!r}, now {v!r}); "
+                                  "evaluate into a new --out folder or delete it")
+
+
+def evaluate_cli(args) -> int:
     """``cxr-explain evaluate``: :func:`~.evaluation.evaluate` (with the CheXlocalize protocol and the
     intention analysis when asked), then the report (:func:`~.report.html.write_report`, or only the
-    tables with ``--no-report``); prints Table 2 (and the CheXlocalize table)."""
-    from .attribution.methods import parse_method_options
+    tables with ``--no-report``); prints Table 2 (and the CheXlocalize table). Exit status: 0 when
+    every film was scored, 1 when some failed (``failures.csv``)."""
     from .evaluation import evaluate
+    from .results.csvlog import FAILURES_COLUMNS, FAILURES_FILE, read_rows
+    from .results.schema import RESULTS_NAME
+    from .results.store import read_results
     from .results.summary import table2_text, write_summaries
 
-    if Path(args.data).is_dir() and resolve_layout(args) in ("chexpert", "mimic"):
-        raise CxrExplainError(
-            f"{args.data}: {resolve_layout(args)} label files have no lesion masks or boxes to score heat maps "
-            "against; for localisation use CheXlocalize (its gt_segmentations_*.json beside the CheXpert files)")
-    method_options = parse_method_options(args.methods, getattr(args, "method_option", None) or [])
+    method_options = check_evaluate_options(args)
     model = load_model_from_args(args)
     from .models.default import synthetic_model_warning
 
@@ -161,7 +213,17 @@ def evaluate_cli(args) -> Path:
                    resize=args.resize, empty_region=args.empty_region, save_maps=not args.no_maps,
                    faithfulness=args.faithfulness, progress=not args.no_progress, use_masks=not args.no_masks,
                    faithfulness_images=args.faithfulness_images, max_images=args.max_images,
-                   method_options=method_options, versus=getattr(args, "versus", None))
+                   method_options=method_options, versus=getattr(args, "versus", None),
+                   stop_on_error=bool(getattr(args, "stop_on_error", False)),
+                   dtype=getattr(args, "dtype", "float32") or "float32", notes=[note] if note else [])
+    from .runtime import current_dist
+
+    if current_dist().rank != 0:
+        # under torchrun the ranks shared the films; evaluate merged their rows behind a barrier.
+        # Rank 0 alone runs the whole-set analyses and writes the tables and the report: two
+        # writers of one file race on its atomic rename.
+        return 0
+    unreadable = [f["file"] for f in read_rows(Path(out) / FAILURES_FILE, FAILURES_COLUMNS) if f["stage"] == "read"]
     cxl_table = None
     if cxl:
         from .evaluation.chexlocalize import run_chexlocalize
@@ -170,15 +232,20 @@ def evaluate_cli(args) -> Path:
             model, ds, args.methods, out, segmentation=args.chexlocalize_segmentation,
             cutoffs=args.chexlocalize_cutoffs, mode=args.chexlocalize_iou, split=args.split,
             max_images=args.max_images, batch_size=args.batch_size, device=args.device, workers=args.workers,
-            progress=not args.no_progress, method_options=method_options)
+            progress=not args.no_progress, method_options=method_options,
+            exclude=unreadable)
     if getattr(args, "intention", None):
         from .evaluation.intention import intention_analysis
 
         intention_analysis(model, ds, methods=args.methods, finding=args.intention, out_dir=out,
                            batch_size=args.batch_size, device=args.device, progress=not args.no_progress,
-                           split=args.split, max_images=args.max_images)
-    if int(os.environ.get("RANK", "0") or 0) != 0:
-        return out  # rank 0 writes the tables and the report
+                           split=args.split, max_images=args.max_images, exclude=unreadable)
+    failed = read_rows(Path(out) / FAILURES_FILE, FAILURES_COLUMNS)
+    if failed:
+        print(f"cxr-explain evaluate: {len(failed)} failure(s) recorded in {(Path(out) / FAILURES_FILE).resolve()}",
+              file=sys.stderr)
+    if failed and not len(read_results(Path(out) / RESULTS_NAME)):
+        return 1  # every film failed: nothing to summarise
     no_report = bool(getattr(args, "no_report", False))
     if no_report:
         write_summaries(out)
@@ -191,7 +258,7 @@ def evaluate_cli(args) -> Path:
         print(cxl_table.read_text(encoding="utf-8"))
     if not no_report:
         print(f"report: {(Path(out) / 'report.html').resolve()}")
-    return out
+    return 1 if failed else 0
 
 
 def report_cli(args) -> Path:

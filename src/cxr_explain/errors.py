@@ -26,3 +26,20 @@ class CheckpointError(CxrExplainError):
 class TraceError(CxrExplainError):
     """torch.fx cannot trace the model (data-dependent control flow); propagation methods need the
     trace, gradient- and CAM-family methods run on the model itself instead."""
+
+
+def failure_reason(exc: BaseException, path: object = None) -> str:
+    """The one-line reason a batch command records for a failed input: the error's message on one
+    line, without the file name it starts with (``path``), prefixed by the exception type unless it
+    is a :class:`CxrExplainError`."""
+    from pathlib import Path
+
+    msg = " ".join(str(exc).split()) or type(exc).__name__
+    if not isinstance(exc, CxrExplainError):
+        msg = f"{type(exc).__name__}: {msg}"
+    if path is not None:
+        p = Path(str(path))
+        for prefix in (f"{p}: ", f"{p.name}: "):
+            if msg.startswith(prefix):
+                return msg[len(prefix):]
+    return msg

@@ -19,67 +19,22 @@ one line naming it. ``overwrite`` removes the folder's recorded outputs first.
 """
 from __future__ import annotations
 
-import csv
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional
 
 from ..errors import CxrExplainError
+from ..results.csvlog import FAILURES_COLUMNS, FAILURES_FILE, CsvLog, read_rows
 
 RUN_FILE = "run.json"
 MAPS_FILE = "maps.csv"
 PREDICTIONS_FILE = "predictions.csv"
-FAILURES_FILE = "failures.csv"
 RECORD_FORMAT = "cxr-explain explain/1"
 #: Settings every map in the folder shares; methods are compared one by one.
 SHARED = ("model", "dtype", "size", "preprocessing", "targets", "layer")
 MAPS_COLUMNS = ["image", "file", "method", "target", "explained", "conservation_error", "map", "overlay"]
 PREDICTIONS_COLUMNS = ["image", "file", "finding", "logit", "probability"]
-FAILURES_COLUMNS = ["file", "stage", "reason"]
-
-
-class CsvLog:
-    """A CSV file written a group of rows at a time (opened, appended, flushed, closed), so that a
-    killed run leaves at most one cut line, which :meth:`rows` skips."""
-
-    def __init__(self, path: Path, columns: Sequence[str], fresh: bool = False):
-        self.path = Path(path)
-        self.columns = list(columns)
-        if fresh or not self.path.is_file() or self.path.stat().st_size == 0:
-            self._write("w", [self.columns])
-
-    def _write(self, mode: str, rows: Iterable[Sequence[Any]]) -> None:
-        with open(self.path, mode, newline="", encoding="utf-8") as fh:
-            csv.writer(fh, lineterminator="\n").writerows(rows)
-
-    def rows(self) -> list[dict[str, str]]:
-        return read_rows(self.path, self.columns)
-
-    def append(self, rows: Iterable[Mapping[str, Any]]) -> None:
-        rows = [[_cell(r.get(c)) for c in self.columns] for r in rows]
-        if rows:
-            self._write("a", rows)
-
-
-def read_rows(path: Path, columns: Sequence[str]) -> list[dict[str, str]]:
-    """The complete rows of a :class:`CsvLog` file (a cut last line is skipped; a missing file, or
-    one with other columns, has none)."""
-    if not Path(path).is_file():
-        return []
-    with open(path, newline="", encoding="utf-8", errors="replace") as fh:
-        reader = csv.reader(fh)
-        if next(reader, None) != list(columns):
-            return []
-        return [dict(zip(columns, r)) for r in reader if len(r) == len(columns)]
-
-
-def _cell(v: Any) -> str:
-    if v is None:
-        return ""
-    if isinstance(v, float):
-        return repr(v)
-    return " ".join(str(v).split())  # one line per cell
 
 
 # --------------------------------------------------------------------------- settings

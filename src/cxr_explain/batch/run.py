@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from .. import api
-from ..errors import CxrExplainError, DataError
+from ..errors import CxrExplainError, DataError, failure_reason
 from .inputs import InputFile, collect_inputs
 from .record import (FAILURES_COLUMNS, FAILURES_FILE, MAPS_COLUMNS, MAPS_FILE, PREDICTIONS_COLUMNS,
                      PREDICTIONS_FILE, RECORD_FORMAT, CsvLog, check_record, read_record, read_rows, write_record)
@@ -235,13 +235,7 @@ def _model_identity(model, opts: ExplainOptions) -> dict[str, Any]:
 # --------------------------------------------------------------------------- 5. per image
 def _one_line(exc: BaseException, path: Path) -> str:
     """The reason of a failure: the error's message without the file name it starts with."""
-    msg = " ".join(str(exc).split()) or type(exc).__name__
-    if not isinstance(exc, CxrExplainError):
-        msg = f"{type(exc).__name__}: {msg}"
-    for prefix in (f"{path}: ", f"{path.name}: "):
-        if msg.startswith(prefix):
-            return msg[len(prefix):]
-    return msg
+    return failure_reason(exc, path)
 
 
 class _Run:

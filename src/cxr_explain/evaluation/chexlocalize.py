@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Collection, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -100,11 +100,13 @@ def collect_records(
     workers: int = 0,
     progress: bool = True,
     method_options: Optional[dict[str, dict[str, Any]]] = None,
+    exclude: Collection[str] = (),
 ) -> pd.DataFrame:
     """Score every (image, finding, method) of ``dataset`` (see the module docstring) into
     ``out_dir/chexlocalize_records.csv``; returns all its records. ``splits`` keeps images of those
     splits; ``max_images`` the first N images with a pair in each split; ``method_options`` as for
-    :func:`~.runner.evaluate`."""
+    :func:`~.runner.evaluate`; ``exclude``: image files to leave out (those ``evaluate`` could not
+    read, listed in its ``failures.csv``)."""
     methods = [resolve_method_name(m) for m in methods]
     opts = {resolve_method_name(k): v for k, v in (method_options or {}).items()}
     configured: dict[str, Method] = {m: get_method(m, **opts.get(m, {})) for m in methods}
@@ -123,9 +125,10 @@ def collect_records(
         raise CxrExplainError(f"splits {list(splits)} requested but {type(dataset).__name__} has no split information")
     pairs: dict[int, list[str]] = {}
     per_split: dict[str, int] = {}
+    skip = {str(f) for f in exclude}
     for i in range(len(dataset)):
         sp = split_of.get(dataset.samples[i].image_id, "")
-        if splits is not None and sp not in splits:
+        if (splits is not None and sp not in splits) or str(dataset.samples[i].path) in skip:
             continue
         if max_images is not None and per_split.get(sp, 0) >= max_images:
             continue
@@ -236,10 +239,10 @@ def run_chexlocalize(model: nn.Module, dataset: Any, methods: Sequence[str], out
                      segmentation: str = "otsu", cutoffs: str = "none", mode: str = "true_positive",
                      split: Optional[str] = None, max_images: Optional[int] = None, batch_size: int = 8,
                      device: str = "cpu", workers: int = 0, progress: bool = True,
-                     method_options: Optional[dict[str, dict[str, Any]]] = None) -> Path:
+                     method_options: Optional[dict[str, dict[str, Any]]] = None, exclude: Collection[str] = ()) -> Path:
     """Records (scoring every finding of every image when the full set or cut-off tuning needs them;
     with ``split`` and tuning, the ``val`` split is scored too, to tune on), then the tables.
-    Returns the Markdown table's path."""
+    ``exclude``: image files to leave out (:func:`collect_records`). Returns the Markdown table's path."""
     if segmentation not in SEGMENTATIONS or cutoffs not in CUTOFF_CHOICES or mode not in IOU_MODES:
         raise CxrExplainError(f"CheXlocalize options: segmentation {segmentation!r} (otsu|tuned), cutoffs "
                               f"{cutoffs!r} (none|tune), mode {mode!r} (true_positive|full)")
@@ -249,5 +252,5 @@ def run_chexlocalize(model: nn.Module, dataset: Any, methods: Sequence[str], out
         splits = [split] + (["val"] if tuning and split != "val" else [])
     collect_records(model, dataset, methods, out_dir, all_pairs=(cutoffs == "tune" or mode == "full"), splits=splits,
                     max_images=max_images, batch_size=batch_size, device=device, workers=workers, progress=progress,
-                    method_options=method_options)
+                    method_options=method_options, exclude=exclude)
     return write_chexlocalize_tables(out_dir, segmentation, cutoffs, mode, findings_order=tuple(dataset.findings))

@@ -21,7 +21,7 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Collection, Mapping, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -89,12 +89,14 @@ def intention_analysis(
     max_images: Optional[int] = None,
     progress: bool = False,
     split: Optional[str] = None,
+    exclude: Collection[str] = (),
 ) -> pd.DataFrame:
     """Relevance shares per image and method for the logit of ``finding``; one row per (image,
     method) with ``image_id, class, method, logit, prob, inside_lesion, lung_outside_lesion,
     outside_lungs, on_cue``. ``lungs`` / ``cues`` map image ids to mask files (default: the
     dataset root's ``lungs.csv`` / ``cues.csv``). ``split`` keeps the images of that split (the
-    dataset's split file), ``max_images`` the first N of them. With ``out_dir``, writes
+    dataset's split file), ``max_images`` the first N of them; ``exclude``: image files to leave out
+    (those ``evaluate`` could not read). With ``out_dir``, writes
     :func:`write_intention_tables` there."""
     spec = getattr(model, "cxr_spec", None)
     if spec is None:
@@ -112,7 +114,8 @@ def intention_analysis(
     pre = get_preprocessing(spec.preprocessing, spec.input_size)
     dev = resolve_device(device)
     model = model.to(dev).eval()
-    order = list(range(len(dataset)))
+    skip = {str(f) for f in exclude}
+    order = [i for i in range(len(dataset)) if str(dataset.samples[i].path) not in skip]
     if split is not None:
         splits = dataset.splits()
         if not splits:

@@ -5,8 +5,10 @@ One row per (image, ground truth, method) goes to ``results.csv`` as it is produ
 the logit of the box's finding whatever the model predicted; the map is resized to the original
 image size (``resize``), negatives set to 0 and divided by its maximum; the region ``h > T`` is
 compared with the box (or exact mask) in original pixel space. The same row carries the
-CheXlocalize (§2) and XAI-literature (§3) scores from
-:func:`cxr_explain.metrics.localization.localization_scores`.
+CheXlocalize (§2) and XAI-literature (§3) scores of
+:func:`cxr_explain.metrics.localization.localization_scores`, computed through its
+:class:`~cxr_explain.metrics.localization.MapScorer` so that each explained map is resized,
+normalised and sorted once, however many regions of its finding the image has.
 
 Scale: a ``DataLoader`` (``workers`` processes) decodes and preprocesses images; ``device="cuda"``
 runs the model on a GPU; under ``torchrun`` each rank evaluates every ``world_size``-th image into
@@ -15,6 +17,8 @@ runs the model on a GPU; under ``torchrun`` each rank evaluates every ``world_si
 from __future__ import annotations
 
 import os
+import sys
+import time
 import warnings
 from dataclasses import dataclass
 from datetime import timedelta
@@ -31,15 +35,16 @@ from ..attribution.targets import Contrast, Index
 from ..data.images import Preprocessing, get_preprocessing
 from ..data.labels import find_label, label_index
 from ..data.types import Box, Sample
-from ..errors import CxrExplainError
-from ..metrics.localization import (EMPTY_REGION_MODES, PAPER_THRESHOLDS, RESIZE_MODES,
-                                    localization_scores)
+from ..errors import CxrExplainError, failure_reason
+from ..metrics.localization import EMPTY_REGION_MODES, PAPER_THRESHOLDS, RESIZE_MODES, MapScorer, normalize_map
 from ..runtime import init_distributed, resolve_device
 from ..results.maps import map_file as map_file_of
 from ..results.maps import save_maps as write_maps
+from ..results.csvlog import FAILURES_COLUMNS, FAILURES_FILE, CsvLog, merge_logs
 from ..results.run import record_run
 from ..results.schema import RESULTS_NAME, results_columns
-from ..results.store import ResultsWriter, complete_pairs, merge_results
+from ..results.store import ResultsWriter, complete_pairs, merge_results, read_results
+from .timing import NO_TIMER, StageTimer
 
 DEFAULT_METHODS = ("cam", "lrp", "rap")
 
@@ -67,6 +72,50 @@ def ground_truths(dataset: Any, i: int, labels: Sequence[str], use_masks: bool =
     return out
 
 
+def select_images(dataset: Any, labels: Sequence[str], split: Optional[str] = None, use_masks: bool = True,
+                  max_images: Optional[int] = None) -> dict[int, list[GroundTruth]]:
+    """The images an evaluation scores, in dataset order: ``{index: its ground truths}`` for every
+    image with a box or mask of a finding in ``labels`` (of ``split`` when given; the first
+    ``max_images`` of them when given)."""
+    splits = dataset.splits()
+    if split is not None and not splits:
+        raise CxrExplainError(f"split={split!r} requested but {type(dataset).__name__} has no split file")
+    gts: dict[int, list[GroundTruth]] = {}
+    for i in range(len(dataset)):
+        if split is not None and splits.get(dataset.samples[i].image_id) != split:
+            continue
+        g = ground_truths(dataset, i, labels, use_masks)
+        if g:
+            gts[i] = g
+        if max_images is not None and len(gts) >= max_images:
+            break
+    return gts
+
+
+def findings_of(gts: Sequence[GroundTruth]) -> list[str]:
+    """An image's explained findings: each finding of its ground truths once, in their order."""
+    return list(dict.fromkeys(g.finding for g in gts))
+
+
+def batch_plan(indices: Sequence[int], gts: dict[int, list[GroundTruth]], batch_size: int) -> list[list[int]]:
+    """The batches ``evaluate`` explains ``indices`` in (lists of dataset indices): images grouped by
+    their number of explained findings (groups in order of first appearance, images in their order),
+    each group cut into batches of ``batch_size``. Every image of a batch then has as many targets
+    as the others, so no padded target (−1) is ever propagated: a batch of one image with three
+    findings and seven with one costs 8 × 3 propagations, two batches by count cost 1 × 3 + 7 × 1."""
+    groups: dict[int, list[int]] = {}
+    for i in indices:
+        groups.setdefault(len(findings_of(gts[i])), []).append(i)
+    return [g[k:k + batch_size] for g in groups.values() for k in range(0, len(g), batch_size)]
+
+
+def explain_targets(gts: Sequence[GroundTruth], labels: Sequence[str], versus: Optional[int] = None) -> list:
+    """The targets one image is explained for: the class of each of its findings (``findings_of``),
+    or ``Contrast(finding, versus)`` when a ``versus`` output is given."""
+    classes = [find_label(f, labels) for f in findings_of(gts)]
+    return [Contrast(Index(c), Index(versus)) if versus is not None else c for c in classes]
+
+
 # --------------------------------------------------------------------------- data loading
 class _EvalItems(torch.utils.data.Dataset):
     """Decode + preprocess one image (in a DataLoader worker): the model input, the sample with
@@ -79,10 +128,20 @@ class _EvalItems(torch.utils.data.Dataset):
         return len(self.indices)
 
     def __getitem__(self, k: int) -> dict:
+        """The item, or ``{"index", "file", "failed": reason}`` when the film (or its masks) cannot
+        be read: a corrupt file is a failure of stage ``read``, not the end of the run."""
+        t0 = time.perf_counter()
         i = self.indices[k]
-        xr = self.dataset.read_image(i)
-        x, _, _ = self.pre(xr)
-        return {"index": i, "x": x, "sample": self.dataset[i], "height": xr.height, "width": xr.width}
+        try:
+            xr = self.dataset.read_image(i)
+            x, _, _ = self.pre(xr)
+            sample = self.dataset[i]
+        except Exception as exc:  # noqa: BLE001 - decoders raise anything on odd files; the run goes on
+            path = self.dataset.samples[i].path
+            return {"index": i, "file": str(path), "failed": failure_reason(exc, path),
+                    "decode_s": time.perf_counter() - t0}
+        return {"index": i, "x": x, "sample": sample, "height": xr.height, "width": xr.width,
+                "decode_s": time.perf_counter() - t0}
 
 
 def _collate(items: list[dict]) -> list[dict]:
@@ -113,6 +172,48 @@ def _identity_geometry(pre: Preprocessing, h: int, w: int) -> bool:
     return g.x0 == 0 and g.y0 == 0 and g.crop_w == w and g.crop_h == h
 
 
+def _probe(model: nn.Module, methods: Sequence[Method], channels: int, size: int, device: torch.device) -> None:
+    """Run each method once on a random input (first output), so that a method the model cannot
+    take (attention rules on a CNN, a CAM without a spatial map) stops the run here with one line,
+    rather than failing on every film. The probe is 32 px (what fails is the model's structure);
+    a failure there is confirmed at the model's input size before it is reported."""
+    from ..models.zoo import MIN_INPUT_SIZE
+
+    dtype = next((p.dtype for p in model.parameters()), torch.float32)
+
+    def attempt(method: Method, side: int) -> None:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(1, channels, side, side, generator=g).to(device=device, dtype=dtype)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            explain(model, x, method=method, target=[[0]], check_conservation=False)
+
+    for method in methods:
+        try:
+            attempt(method, min(size, MIN_INPUT_SIZE))
+        except CxrExplainError:
+            try:
+                attempt(method, size)
+            except CxrExplainError as exc:
+                msg = str(exc)
+                raise CxrExplainError(msg if msg.startswith(method.name) else f"{method.name}: {msg}") from None
+
+
+class _Failures:
+    """This run's failures: each one row of ``failures.csv`` and one line on stderr, or, with
+    ``stop``, the error that ends the run."""
+
+    def __init__(self, path: Path, stop: bool):
+        self.log = CsvLog(path, FAILURES_COLUMNS, fresh=True)
+        self.stop = stop
+
+    def __call__(self, file: str, stage: str, reason: str) -> None:
+        self.log.append([{"file": file, "stage": stage, "reason": reason}])
+        if self.stop:
+            raise CxrExplainError(f"{file}: {stage} failed: {reason}")
+        print(f"cxr-explain evaluate: {file}: {stage} failed: {reason}", file=sys.stderr, flush=True)
+
+
 # --------------------------------------------------------------------------- main loop
 def evaluate(
     model: nn.Module,
@@ -137,6 +238,10 @@ def evaluate(
     stop_after_batches: Optional[int] = None,
     method_options: Optional[dict[str, dict[str, Any]]] = None,
     versus: Optional[str] = None,
+    timer: Optional[StageTimer] = None,
+    stop_on_error: bool = False,
+    dtype: str = "float32",
+    notes: Optional[Sequence[str]] = None,
 ) -> Path:
     """Evaluate ``methods`` on every box (and exact mask) of ``dataset``; returns ``out_dir``.
 
@@ -151,7 +256,17 @@ def evaluate(
     first ``faithfulness_images`` images (:mod:`.faithfulness`). ``method_options``: per method name,
     its options (``{"lrp-epsilon": {"epsilon": 0.1}}``). ``versus``: explain each finding against this
     output (``logit_finding − logit_versus``, e.g. "No Finding") instead of its logit alone.
+    ``timer``: a :class:`~.timing.StageTimer` to fill with the time of each stage (benchmarks).
+
+    A film that cannot be read, explained or scored is a failure: one line on stderr and one row of
+    ``failures.csv`` (file, stage ``read`` / ``explain`` / ``score``, reason), and the run goes on
+    (a rerun retries it); ``stop_on_error`` raises at the first one instead. ``dtype``: ``"float64"``
+    explains in double precision (the model is converted in place, as it is moved to ``device``).
+    ``notes``: warning lines recorded in ``run.json`` (default: the synthetic-model warning when a
+    model trained on the synthetic benchmark meets other films).
     """
+    tm = timer if timer is not None else NO_TIMER
+    t_start = time.perf_counter() if tm.enabled else 0.0
     methods = [resolve_method_name(m) for m in methods]
     opts = {resolve_method_name(k): v for k, v in (method_options or {}).items()}
     configured: dict[str, Method] = {m: get_method(m, **opts.get(m, {})) for m in methods}
@@ -166,6 +281,8 @@ def evaluate(
         raise CxrExplainError(f"unknown --empty-region {empty_region!r}; use 'zero' or 'nan'")
     if batch_size < 1:
         raise CxrExplainError("--batch-size must be at least 1")
+    if dtype not in ("float32", "float64"):
+        raise CxrExplainError(f"--dtype {dtype!r}: use float32 or float64")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     info = _spec_info(model)
@@ -178,26 +295,22 @@ def evaluate(
     columns = results_columns(thresholds)
 
     splits = dataset.splits()
-    if split is not None and not splits:
-        raise CxrExplainError(f"split={split!r} requested but {type(dataset).__name__} has no split file")
-    gts: dict[int, list[GroundTruth]] = {}
-    for i in range(len(dataset)):
-        if split is not None and splits.get(dataset.samples[i].image_id) != split:
-            continue
-        g = ground_truths(dataset, i, labels, use_masks)
-        if g:
-            gts[i] = g
-        if max_images is not None and len(gts) >= max_images:
-            break
+    gts = select_images(dataset, labels, split, use_masks, max_images)
     if not gts:
         raise CxrExplainError(
             f"{_dataset_info(dataset)['root'] or 'the dataset'}: no image{' of split ' + repr(split) if split else ''} "
             f"has a box or mask of a finding "
             f"the model outputs ({', '.join(labels)}); check the box file and the model's labels")
+    if notes is None:
+        from ..models.default import synthetic_model_warning
+
+        note = synthetic_model_warning(model, [_dataset_info(dataset)["root"]])
+        notes = [note] if note else []
     settings = {"thresholds": thresholds, "resize": resize, "empty_region": empty_region, "scaling": scaling,
                 "masks": use_masks, "model": info, "methods": methods, "dataset": _dataset_info(dataset),
                 "method_settings": {m: configured[m].settings() for m in methods}, "versus": versus,
                 "split_filter": split, "batch_size": batch_size, "device": str(dev), "world_size": world,
+                "dtype": dtype, "warnings": list(notes),
                 "protocol": "docs/evaluation.md §1 (IoU of h>T vs box in original pixel space) + §2 Otsu/hit "
                             "+ §3 mass/rank/AUPRC"}
     if rank == 0:
@@ -213,14 +326,20 @@ def evaluate(
         writer.done |= done_main
     else:
         writer = ResultsWriter(main_path, columns, expected)
+    fail = _Failures(out / (FAILURES_FILE if world == 1 else f"failures.rank{rank}.csv"), stop_on_error)
     shard = sorted(gts)[rank::world]
     todo = [i for i in shard if any((ids[i], m) not in writer.done for m in methods)]
 
-    model = model.to(dev)
+    model = model.to(device=dev, dtype=torch.float64 if dtype == "float64" else torch.float32)
     model.eval()
+    if todo:
+        _probe(model, [configured[m] for m in methods], pre.channels, info["input_size"], dev)
+    plan = batch_plan(todo, gts, batch_size)
+    pos = {i: k for k, i in enumerate(todo)}
     loader = torch.utils.data.DataLoader(
-        _EvalItems(dataset, todo, pre), batch_size=batch_size, shuffle=False, num_workers=max(0, int(workers)),
-        collate_fn=_collate, persistent_workers=False, pin_memory=dev.type == "cuda")
+        _EvalItems(dataset, todo, pre), batch_sampler=[[pos[i] for i in b] for b in plan],
+        num_workers=max(0, int(workers)), collate_fn=_collate, persistent_workers=False,
+        pin_memory=dev.type == "cuda")
     bar = None
     if progress:
         from ..progress import progress_bar
@@ -229,32 +348,54 @@ def evaluate(
                            desc="evaluate" + (f" rank {rank}" if world > 1 else ""))
     ctx = {"labels": labels, "pre": pre, "thresholds": thresholds, "resize": resize, "multilabel": info["multilabel"],
            "empty_region": empty_region, "scaling": scaling, "splits": splits, "out": out, "save_maps": save_maps,
-           "use_masks": use_masks, "versus": versus_index}
+           "use_masks": use_masks, "versus": versus_index, "timer": tm, "dtype": dtype}
+    if tm.enabled:
+        tm.add("start-up", time.perf_counter() - t_start)
     try:
-        for nb, batch in enumerate(loader):
-            if stop_after_batches is not None and nb >= stop_after_batches:
+        batches = iter(loader)
+        nb = 0
+        while True:
+            with tm.stage("wait for data"):
+                batch = next(batches, None)
+            if batch is None or (stop_after_batches is not None and nb >= stop_after_batches):
                 break
+            nb += 1
+            if tm.enabled:
+                tm.add("decode", sum(it["decode_s"] for it in batch), len(batch))
+            readable = []
+            for it in batch:
+                if "failed" in it:
+                    fail(it["file"], "read", it["failed"])
+                else:
+                    readable.append(it)
             for m in methods:
-                items = [it for it in batch if (ids[it["index"]], m) not in writer.done]
+                items = [it for it in readable if (ids[it["index"]], m) not in writer.done]
                 if items:
-                    for rows in _score_batch(model, configured[m], items, gts, ctx):
-                        writer.write_group(rows)
-            writer.flush()
+                    for rows in _score_items(model, configured[m], items, gts, ctx, fail):
+                        with tm.stage("rows"):
+                            writer.write_group(rows)
+            with tm.stage("rows"):
+                writer.flush()
             if bar:
                 bar.update(len(batch))
     finally:
         writer.close()
         if bar:
             bar.close()
+    t_end = time.perf_counter() if tm.enabled else 0.0
     d.barrier()
     if world > 1 and rank == 0:
         merge_results(main_path, [out / f"results.rank{r}.csv" for r in range(world)], columns)
+        merge_logs(out / FAILURES_FILE, [out / f"failures.rank{r}.csv" for r in range(world)], FAILURES_COLUMNS)
     d.barrier()
     if rank == 0 and stop_after_batches is None and faithfulness:
         from .faithfulness import run_faithfulness
 
-        run_faithfulness(model, dataset, out, methods, sorted(gts)[:faithfulness_images], gts, pre,
-                         progress=progress)
+        scored = set(read_results(main_path, columns)["image_id"])  # films that failed have no rows
+        chosen = [i for i in sorted(gts) if ids[i] in scored][:faithfulness_images]
+        run_faithfulness(model, dataset, out, methods, chosen, gts, pre, progress=progress)
+    if tm.enabled:
+        tm.add("finish", time.perf_counter() - t_end)
     return out
 
 
@@ -276,54 +417,94 @@ def _bbox_of(mask: np.ndarray) -> tuple[float, float, float, float]:
     return float(xs.min()), float(ys.min()), float(xs.max() - xs.min() + 1), float(ys.max() - ys.min() + 1)
 
 
-def _score_batch(model: nn.Module, configured: Method, items: list[dict], gts: dict, ctx: dict):
-    """Explain ``items`` with ``method`` (all findings of an image in one pass) and yield, per
-    image, the list of its result rows."""
-    labels, method, versus = ctx["labels"], configured.name, ctx["versus"]
+def _explain_items(model: nn.Module, configured: Method, items: list[dict], gts: dict, ctx: dict):
+    """Explain ``items`` with ``configured`` (all findings of an image in one pass)."""
+    labels, versus = ctx["labels"], ctx["versus"]
     x = torch.stack([it["x"] for it in items])
-    targets, class_lists = [], []
-    for it in items:
-        fs = list(dict.fromkeys(g.finding for g in gts[it["index"]]))
-        classes = [find_label(f, labels) for f in fs]
-        class_lists.append(classes)
-        targets.append([Contrast(Index(c), Index(versus)) if versus is not None else c for c in classes])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # conservation notes: not a scoring problem
-        exp = explain(model, x, method=configured, target=targets)
-    maps = exp.maps.detach().float().cpu()
-    raw = exp.raw_maps.detach().float().cpu() if exp.raw_maps is not None else None  # CAM family: low-res map
-    logits = exp.logits.detach().float().cpu()
+    targets = [explain_targets(gts[it["index"]], labels, versus) for it in items]
+    with warnings.catch_warnings(), ctx["timer"].stage(f"explain {configured.name}"):
+        warnings.simplefilter("ignore", RuntimeWarning)  # conservation notes: the rows carry the error
+        return explain(model, x, method=configured, target=targets)
+
+
+def _score_items(model: nn.Module, configured: Method, items: list[dict], gts: dict, ctx: dict, fail):
+    """Explain ``items`` with ``configured`` and yield, per image, the list of its result rows. A
+    batch the method refuses is explained film by film, so that only the film at fault fails
+    (stage ``explain``); a film whose rows cannot be made fails at stage ``score``."""
+    method = configured.name
+    try:
+        exp = _explain_items(model, configured, items, gts, ctx)
+    except CxrExplainError as exc:
+        if len(items) > 1:
+            for it in items:
+                yield from _score_items(model, configured, [it], gts, ctx, fail)
+            return
+        path = items[0]["sample"].path
+        fail(str(path), "explain", f"{method}: {failure_reason(exc, path)}")
+        return
+    fdt = torch.float64 if ctx["dtype"] == "float64" else torch.float32
+    maps = exp.maps.detach().cpu().to(fdt)
+    raw = exp.raw_maps.detach().cpu().to(fdt) if exp.raw_maps is not None else None  # CAM family: low-res map
+    logits = exp.logits.detach().cpu().to(fdt)
+    cons = exp.conservation_error.detach().cpu().double() if exp.conservation_error is not None else None
     probs = torch.sigmoid(logits) if ctx["multilabel"] else torch.softmax(logits, dim=1)
-    pre: Preprocessing = ctx["pre"]
     for b, it in enumerate(items):
-        s: Sample = it["sample"]
-        H, W = int(it["height"]), int(it["width"])
-        ident = _identity_geometry(pre, H, W)
-        fs = list(dict.fromkeys(g.finding for g in gts[it["index"]]))
-        map_file = ""
-        if ctx["save_maps"]:
-            map_file = map_file_of(method, s.image_id)
-            write_maps(ctx["out"] / map_file, {f: maps[b, k].numpy() for k, f in enumerate(fs)})
-        n_boxes = sum(1 for g in gts[it["index"]] if g.gt == "box")
-        rows = []
-        for g in gts[it["index"]]:
-            k = fs.index(g.finding)
-            cls = class_lists[b][k]
-            mask = _gt_mask(s, g, H, W)
-            if ident:
-                h = raw[b, k] if raw is not None else maps[b, k]
-                sc = localization_scores(h, mask, ctx["thresholds"], original_size=(H, W), resize=ctx["resize"],
-                                         empty_region=ctx["empty_region"], scaling=ctx["scaling"])
-            else:
-                src = raw[b, k] if raw is not None else maps[b, k]
-                h = pre.to_original(src, H, W)
-                sc = localization_scores(h, mask, ctx["thresholds"], original_size=(H, W),
-                                         empty_region=ctx["empty_region"], scaling=ctx["scaling"])
-            bx = (g.box.x, g.box.y, g.box.w, g.box.h) if g.box is not None else _bbox_of(mask)
-            rows.append({
-                "image_id": s.image_id, "finding": g.finding, "method": method, "gt": g.gt, "gt_index": g.gt_index,
-                "logit": float(logits[b, cls]), "prob": float(probs[b, cls]), "n_boxes": n_boxes, **sc,
-                "split": ctx["splits"].get(s.image_id, ""), "map_file": map_file, "image_path": str(s.path),
-                "height": H, "width": W, "box_x": bx[0], "box_y": bx[1], "box_w": bx[2], "box_h": bx[3],
-            })
+        classes = [find_label(f, ctx["labels"]) for f in findings_of(gts[it["index"]])]
+        try:
+            rows = _image_rows(it, method, b, maps, raw, logits, probs, classes, gts[it["index"]], ctx, cons)
+        except (CxrExplainError, OSError) as exc:
+            path = it["sample"].path
+            fail(str(path), "score", f"{method}: {failure_reason(exc, path)}")
+            continue
         yield rows
+
+
+def _normalized(src: torch.Tensor, H: int, W: int, ctx: dict) -> np.ndarray:
+    """One explained map in the original pixel space, normalised (docs/evaluation.md §1 steps 1-3):
+    resized with ``--resize`` when the preprocessing kept the whole film, else mapped back through
+    its crop (``Preprocessing.to_original``)."""
+    pre: Preprocessing = ctx["pre"]
+    if not _identity_geometry(pre, H, W):
+        src = pre.to_original(src, H, W)
+    return normalize_map(src, resize_to=(H, W), mode=ctx["resize"], scaling=ctx["scaling"])
+
+
+def _image_rows(it: dict, method: str, b: int, maps: torch.Tensor, raw: Optional[torch.Tensor], logits: torch.Tensor,
+                probs: torch.Tensor, classes: list[int], gts: list[GroundTruth], ctx: dict,
+                cons: Optional[torch.Tensor] = None) -> list[dict]:
+    """The result rows of one image for one method (and its saved maps). Each finding's map is
+    resized, normalised and sorted once (:class:`MapScorer`), whatever the number of its regions.
+    ``cons``: (B, K) conservation errors |Σ map − explained| / |explained| (propagation methods), as
+    ``explain`` reports them; None leaves the column empty."""
+    tm = ctx["timer"]
+    s: Sample = it["sample"]
+    H, W = int(it["height"]), int(it["width"])
+    fs = findings_of(gts)
+    map_file = ""
+    if ctx["save_maps"]:
+        map_file = map_file_of(method, s.image_id)
+        with tm.stage("maps"):
+            write_maps(ctx["out"] / map_file, {f: maps[b, k].numpy() for k, f in enumerate(fs)})
+    n_boxes = sum(1 for g in gts if g.gt == "box")
+    scorers: dict[int, MapScorer] = {}
+    rows = []
+    for g in gts:
+        k = fs.index(g.finding)
+        cls = classes[k]
+        mask = _gt_mask(s, g, H, W)
+        if k not in scorers:
+            with tm.stage("resize"):
+                hn = _normalized(raw[b, k] if raw is not None else maps[b, k], H, W, ctx)
+            with tm.stage("metrics"):
+                scorers[k] = MapScorer(hn)
+        with tm.stage("metrics"):
+            sc = scorers[k].scores(mask, ctx["thresholds"], ctx["empty_region"])
+        bx = (g.box.x, g.box.y, g.box.w, g.box.h) if g.box is not None else _bbox_of(mask)
+        rows.append({
+            "image_id": s.image_id, "finding": g.finding, "method": method, "gt": g.gt, "gt_index": g.gt_index,
+            "logit": float(logits[b, cls]), "prob": float(probs[b, cls]), "n_boxes": n_boxes, **sc,
+            "split": ctx["splits"].get(s.image_id, ""), "map_file": map_file, "image_path": str(s.path),
+            "height": H, "width": W, "box_x": bx[0], "box_y": bx[1], "box_w": bx[2], "box_h": bx[3],
+            "conservation_error": float(cons[b, k]) if cons is not None else None,
+        })
+    return rows

@@ -12,7 +12,8 @@ Protocols (``docs/evaluation.md`` §1-§3, §6):
 * Paper Section 3 ("inconsistency of intention"): :func:`region_shares`.
 
 :func:`localization_scores` computes one results-table row from one sort of the map
-(:class:`SortedHeatmap`: every threshold metric is then a binary search); :func:`bootstrap_mean_ci`
+(:class:`SortedHeatmap`: every threshold metric is then a binary search); :class:`MapScorer` scores
+several regions of one map from that one sort; :func:`bootstrap_mean_ci`
 the confidence intervals of a column.
 
 Ground truth that covers no pixel (a box clipped away by the image border) makes every metric
@@ -20,6 +21,7 @@ undefined: they return NaN, which :func:`bootstrap_mean_ci` drops.
 """
 from __future__ import annotations
 
+import copy
 from typing import Sequence, Union
 
 import numpy as np
@@ -125,12 +127,21 @@ class SortedHeatmap:
 
     def __init__(self, h: ArrayLike, gt_mask: ArrayLike | None = None) -> None:
         a = _as_2d(h)
+        self.array: np.ndarray = a
         self.shape: tuple[int, int] = a.shape
         self.values: np.ndarray = np.sort(a, axis=None)
         if self.values.size and not np.isfinite(self.values[[0, -1]]).all():  # NaN sorts last
             raise CxrExplainError("heatmap contains inf/NaN values; check the explanation method's output")
         self.has_gt = gt_mask is not None
         self.inside: np.ndarray = np.sort(a[_as_mask(gt_mask, a.shape)]) if self.has_gt else self.values[:0]
+
+    def with_gt(self, gt_mask: ArrayLike) -> "SortedHeatmap":
+        """The same map against another ground truth: shares the sorted values (no second sort of
+        the map), sorts only the ground-truth pixels."""
+        other = copy.copy(self)
+        other.has_gt = True
+        other.inside = np.sort(self.array[_as_mask(gt_mask, self.shape)])
+        return other
 
     @property
     def n(self) -> int:
@@ -334,6 +345,53 @@ def region_shares(
 
 
 # --------------------------------------------------------------------------- one row
+class MapScorer:
+    """One normalised map prepared once for scoring any number of ground-truth regions.
+
+    The map is sorted once (:class:`SortedHeatmap`), its arg-max found once and its positive part
+    summed once; :meth:`scores` then costs one sort of the region's pixels and a few binary
+    searches. ``MapScorer(normalize_map(h, …)).scores(gt, …)`` is :func:`localization_scores`,
+    number for number; ``evaluate`` uses it when an image has several boxes (and a mask) of one
+    finding, which share one explained map.
+    """
+
+    def __init__(self, h_norm: ArrayLike) -> None:
+        self.sorted = SortedHeatmap(h_norm)
+        a = self.sorted.array
+        self._argmax = int(np.argmax(a)) if a.size else 0
+        self._points = bool(a.size) and bool(a.flat[self._argmax] > 0)  # hit: a map without a positive value misses
+        self._positive: np.ndarray | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.sorted.shape
+
+    def _mass(self, gt: np.ndarray) -> float:
+        """:func:`relevance_mass` with ``max(h, 0)`` in float64 and its sum computed once."""
+        if self._positive is None:
+            p = np.maximum(self.sorted.array, 0).astype(np.float64, copy=False)
+            self._positive, self._total = p, p.sum()
+        return float(self._positive[gt].sum() / self._total) if self._total > 0 else 0.0
+
+    def scores(self, gt_mask: ArrayLike, thresholds: Sequence[float] = PAPER_THRESHOLDS,
+               empty_region: str = "zero") -> dict[str, float]:
+        """The row of :func:`localization_scores` for one ground truth (same keys, same numbers)."""
+        gt = _as_mask(gt_mask, self.shape)
+        sm = self.sorted.with_gt(gt)
+        row: dict[str, float] = {}
+        for t, v in zip(thresholds, sm.iou(thresholds, empty_region)):
+            row[f"iou@{format(float(t), 'g')}"] = float(v)
+        t_otsu = sm.otsu_threshold()
+        row["otsu_t"] = t_otsu
+        row["iou_otsu"] = float(sm.iou((t_otsu,), empty_region)[0])
+        empty = not gt.any()
+        row["hit"] = float("nan") if empty else (float(gt.flat[self._argmax]) if self._points else 0.0)
+        row["mass"] = float("nan") if empty else self._mass(gt)
+        row["rank_acc"] = sm.rank_accuracy()
+        row["auprc"] = sm.auprc()
+        return row
+
+
 def localization_scores(
     h: ArrayLike,
     gt_mask: ArrayLike,
@@ -355,19 +413,7 @@ def localization_scores(
     gt = np.asarray(gt_mask.detach().cpu().numpy() if isinstance(gt_mask, torch.Tensor) else gt_mask)
     size = tuple(original_size) if original_size is not None else gt.shape[-2:]
     hn = normalize_map(h, resize_to=size, mode=resize, scaling=scaling)
-    gt = _as_mask(gt, hn.shape)
-    sm = SortedHeatmap(hn, gt)  # the one sort shared by IoU, Otsu, rank accuracy and AUPRC
-    row: dict[str, float] = {}
-    for t, v in zip(thresholds, sm.iou(thresholds, empty_region)):
-        row[f"iou@{format(float(t), 'g')}"] = float(v)
-    t_otsu = sm.otsu_threshold()
-    row["otsu_t"] = t_otsu
-    row["iou_otsu"] = float(sm.iou((t_otsu,), empty_region)[0])
-    row["hit"] = hit(hn, gt)
-    row["mass"] = relevance_mass(hn, gt)
-    row["rank_acc"] = sm.rank_accuracy()
-    row["auprc"] = sm.auprc()
-    return row
+    return MapScorer(hn).scores(gt, thresholds, empty_region)  # one sort shared by IoU, Otsu, rank, AUPRC
 
 
 # --------------------------------------------------------------------------- bootstrap

@@ -143,7 +143,7 @@ def render_report(folder: ResultsFolder, tables: list, figures: dict[str, list[P
               "n_rows": len(df), "methods": ", ".join(dict.fromkeys(df["method"]))},
         table2=named("table2_"), metrics=named("metrics_"), curves=figs("iou_curves"),
         chexlocalize=named("chexlocalize"),
-        checks=named("faithfulness") + named("randomization"),
+        checks=named("faithfulness") + named("randomization") + named("conservation"),
         check_figures=figs("randomization") + [{"name": p.stem, "src": _file_uri(p)} for p in extra_pngs],
         intention=named("intention"), grids=figs("fig"), gallery=gallery_data)
 

@@ -4,7 +4,8 @@ Written by :mod:`cxr_explain.evaluation` (``results.csv``, docs/evaluation.md §
 summaries and :mod:`cxr_explain.report`. Columns, in file order: :data:`HEAD_COLUMNS` (identity,
 the explained logit and probability, the image's number of boxes), one ``iou@T`` per threshold
 (:func:`iou_column`), :data:`TAIL_COLUMNS` (the §2/§3 scores, the image's split, the saved map,
-the image and its size, the ground-truth box or the bounding box of the mask).
+the image and its size, the ground-truth box or the bounding box of the mask, and the explanation's
+conservation error |Σ map − explained| / |explained| for propagation methods, empty for the others).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ RESULTS_NAME = "results.csv"
 HEAD_COLUMNS = ["image_id", "finding", "method", "gt", "gt_index", "logit", "prob", "n_boxes"]
 #: Columns after the per-threshold IoUs.
 TAIL_COLUMNS = ["otsu_t", "iou_otsu", "hit", "mass", "rank_acc", "auprc", "split", "map_file",
-                "image_path", "height", "width", "box_x", "box_y", "box_w", "box_h"]
+                "image_path", "height", "width", "box_x", "box_y", "box_w", "box_h", "conservation_error"]
 #: A row's identity; the results file never holds two rows with the same key.
 ROW_KEY = ["image_id", "method", "finding", "gt", "gt_index"]
 

@@ -24,7 +24,8 @@ from .schema import iou_column, thresholds_of
 from .tables import Table, TableGroup, ci_cell
 
 __all__ = ["OTHER_METRICS", "ABBREV", "ALL", "protocol_text", "summarize", "table2", "metrics_table",
-           "subsets_of", "localization_tables", "summary_tables", "write_summaries", "table2_text"]
+           "subsets_of", "localization_tables", "conservation_table", "summary_tables", "write_summaries",
+           "table2_text"]
 
 OTHER_METRICS = {
     "iou_otsu": "IoU at Otsu's threshold (CheXlocalize, §2)",
@@ -157,12 +158,37 @@ def localization_tables(folder: ResultsFolder, n_boot: int = 1000, seed: int = 0
     return tables
 
 
+def conservation_table(df: pd.DataFrame) -> list[Table]:
+    """The distribution of the conservation error |Σ map − explained| / |explained| per method: one
+    value per explained map (image, finding; the rows of its regions repeat it), median and max
+    over the maps; methods without it (CAM, gradients) are left out. [] when no row has one."""
+    if "conservation_error" not in df.columns or not len(df):
+        return []
+    maps = df.drop_duplicates(subset=["image_id", "method", "finding"])
+    rows = []
+    for method, g in maps.groupby("method", sort=False):
+        v = pd.to_numeric(g["conservation_error"], errors="coerce").to_numpy(dtype=float)
+        v = v[np.isfinite(v)]
+        if v.size:
+            rows.append({"method": method, "n": int(v.size), "median": float(np.median(v)), "max": float(v.max())})
+    if not rows:
+        return []
+    data = pd.DataFrame(rows)
+    frame = pd.DataFrame({"method": data["method"].str.upper(), "maps": data["n"],
+                          "median": data["median"].map(lambda x: f"{x:.2e}"),
+                          "max": data["max"].map(lambda x: f"{x:.2e}")})
+    return [Table("conservation", "Conservation error per method",
+                  frame, data, "Conservation error = |Σ map − explained logit| / |explained logit| per explained "
+                  "map (image × finding) of a propagation method; 0 for an exactly conserving explanation.")]
+
+
 def summary_tables(results_dir: Path | str | ResultsFolder, n_boot: int = 1000,
                    seed: int = 0) -> list[Table | TableGroup]:
-    """Every summary table of a results folder: :func:`localization_tables`, then the faithfulness,
+    """Every summary table of a results folder: :func:`localization_tables`, :func:`conservation_table`, then the faithfulness,
     randomisation and intention tables when their files are there (:func:`.analyses.analysis_tables`)."""
     folder = ResultsFolder.of(results_dir)
-    return localization_tables(folder, n_boot, seed) + analysis_tables(folder)
+    return (localization_tables(folder, n_boot, seed) + conservation_table(folder.results)
+            + analysis_tables(folder))
 
 
 def write_summaries(results_dir: Path | str | ResultsFolder, n_boot: int = 1000, seed: int = 0) -> dict[str, Path]:
