@@ -82,7 +82,7 @@ def summarize(df: pd.DataFrame, metrics: Sequence[str], n_boot: int = 1000, seed
 
 
 def _cell(r: Optional[pd.Series]) -> str:
-    return "–" if r is None else ci_cell(r["mean"], r["ci_low"], r["ci_high"])
+    return "–" if r is None else ci_cell(r["mean"], r["ci_low"], r["ci_high"], int(r["n"]))
 
 
 def _order(values, preferred: Sequence[str]) -> list:

@@ -13,7 +13,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import jinja2
 import pandas as pd
@@ -30,11 +30,15 @@ _HTML = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=True
 {% endif %}""")
 
 
-def ci_cell(mean: float, low: float = math.nan, high: float = math.nan) -> str:
-    """``0.123 [0.100, 0.150]``, ``0.123`` without a finite interval, ``–`` without a finite mean."""
-    if mean is None or not math.isfinite(mean):
+def ci_cell(mean: float, low: float = math.nan, high: float = math.nan, n: Optional[int] = None) -> str:
+    """One table cell: ``0.123 [0.100, 0.150]``; ``0.123`` without a finite interval; ``–`` without a
+    finite mean or with ``n = 0``; ``0.123 (n = 1)`` for a single value, whose bootstrap "interval"
+    ``[v, v]`` says nothing about its uncertainty. ``n``: the values behind the mean, when known."""
+    if (n is not None and int(n) <= 0) or mean is None or not math.isfinite(mean):
         return "–"
     s = f"{mean:.3f}"
+    if n is not None and int(n) == 1:
+        return s + " (n = 1)"
     if low is not None and math.isfinite(low):
         s += f" [{low:.3f}, {high:.3f}]"
     return s
