@@ -179,6 +179,11 @@ def evaluate_cli(args) -> Path:
                            split=args.split, max_images=args.max_images)
     if int(os.environ.get("RANK", "0") or 0) != 0:
         return out  # rank 0 writes the tables and the report
+    from .evaluation.describe import describe_run
+    from .results.run import record_about
+
+    record_about(out, describe_run(model, ds, getattr(args, "checkpoint", None),
+                                   shipped=not getattr(args, "checkpoint", None), notes=[note] if note else []))
     no_report = bool(getattr(args, "no_report", False))
     if no_report:
         write_summaries(out)

@@ -61,6 +61,7 @@ def demo(out_dir: str | Path = "cxr-explain-demo", full: bool = False, device: s
     from .results.summary import table2_text
 
     d_full = FULL_N
+    shipped = model is None
     if model is None:
         model = shipped_model()
         d_seed, d_size, d_full = _benchmark_of_shipped_model(model)
@@ -89,6 +90,10 @@ def demo(out_dir: str | Path = "cxr-explain-demo", full: bool = False, device: s
     res = evaluate(model, ds, methods=("cam", "lrp", "rap"), out_dir=out / "results", split="test",
                    device=device, workers=workers or 0, progress=progress, faithfulness=full,
                    max_images=None if full else (max_images or DEMO_MAX_IMAGES), batch_size=4)
+    from .evaluation.describe import describe_run
+    from .results.run import record_about
+
+    record_about(res, describe_run(model, ds, shipped=shipped))
     report = write_report(res)
     print(table2_text(res, "all", "box"))
     print(f"report: {report.resolve()}")
