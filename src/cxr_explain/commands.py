@@ -137,7 +137,8 @@ def _chexlocalize_all_pairs(args) -> bool:
 
 def evaluate_cli(args) -> Path:
     """``cxr-explain evaluate``: :func:`~.evaluation.evaluate` (with the CheXlocalize protocol and the
-    intention analysis when asked), then the report (:func:`~.report.html.write_report`, or only the
+    intention analysis when asked), the run's description and the model's AUROC on the evaluated
+    films (:mod:`~.evaluation.describe`, :mod:`~.evaluation.auroc`), then the report (:func:`~.report.html.write_report`, or only the
     tables with ``--no-report``); prints Table 2 (and the CheXlocalize table)."""
     from .attribution.methods import parse_method_options
     from .evaluation import evaluate
@@ -184,6 +185,10 @@ def evaluate_cli(args) -> Path:
 
     record_about(out, describe_run(model, ds, getattr(args, "checkpoint", None),
                                    shipped=not getattr(args, "checkpoint", None), notes=[note] if note else []))
+    from .evaluation.auroc import evaluated_auroc
+
+    evaluated_auroc(model, ds, out, batch_size=args.batch_size, device=args.device, workers=args.workers,
+                    progress=not args.no_progress)
     no_report = bool(getattr(args, "no_report", False))
     if no_report:
         write_summaries(out)

@@ -93,7 +93,10 @@ def demo(out_dir: str | Path = "cxr-explain-demo", full: bool = False, device: s
     from .evaluation.describe import describe_run
     from .results.run import record_about
 
+    from .evaluation.auroc import evaluated_auroc
+
     record_about(res, describe_run(model, ds, shipped=shipped))
+    evaluated_auroc(model, ds, res, batch_size=16, device=device, workers=workers or 0, progress=progress)
     report = write_report(res)
     print(table2_text(res, "all", "box"))
     print(f"report: {report.resolve()}")
