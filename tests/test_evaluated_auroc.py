@@ -92,3 +92,16 @@ def test_table_and_no_labels(evaluated, tmp_path):
                                input_size=64)
     assert evaluated_auroc(other, ds, out) is None  # the dataset labels none of these outputs
     assert auroc_table(tmp_path) is None
+
+
+def test_table_cells_with_one_positive_or_none(tmp_path):
+    pd.DataFrame({"finding": ["A", "B", "C"], "auroc": [0.75, float("nan"), 0.6], "ci_low": [0.75, float("nan"), 0.4],
+                  "ci_high": [0.75, float("nan"), 0.8], "n_pos": [1, 0, 5], "n_neg": [4, 5, 5],
+                  "note": ["", "undefined: no positive film", "3 of 200 resamples had one class and were skipped"]}
+                 ).to_csv(tmp_path / "auroc.csv", index=False)
+    rows = auroc_table(tmp_path).frame.set_index("finding")
+    assert rows.loc["A", "AUROC [95% CI]"] == "0.750 (n = 1 positive)"  # no zero-width interval
+    assert rows.loc["B", "AUROC [95% CI]"] == "–"
+    assert rows.loc["C", "AUROC [95% CI]"] == "0.600 [0.400, 0.800]"
+    assert rows.loc["C", "note"] == "CI over the 197 resamples with both classes"
+    assert rows.loc["mean (2 findings)", "AUROC [95% CI]"] == "0.675"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Optional
 
@@ -74,17 +75,24 @@ def _count(v: Any) -> int:
 
 
 def auroc_table(folder: ResultsFolder | str | os.PathLike[str]) -> Optional[Table]:
-    """One row per finding: AUROC [bootstrap 95% CI], positives, negatives, note; the last row the
-    unweighted mean over findings with a defined AUROC. None when the folder has no ``auroc.csv``."""
+    """One row per finding: AUROC [bootstrap 95% CI] (no interval with a single positive or negative
+    film), positives, negatives, note; the last row the unweighted mean over findings with a defined
+    AUROC. None when the folder has no ``auroc.csv``."""
     df = read_auroc(folder)
     if df is None:
         return None
     st = auroc_settings(folder)
     rows = []
     for r in df.itertuples(index=False):
-        n = min(_count(r.n_pos), _count(r.n_neg))
-        cell = ci_cell(float(r.auroc), float(r.ci_low), float(r.ci_high)) if n > 0 else "–"
-        rows.append([r.finding, cell, _count(r.n_pos), _count(r.n_neg), r.note])
+        pos, neg = _count(r.n_pos), _count(r.n_neg)
+        if min(pos, neg) == 1:  # a bootstrap over one positive (negative) film says nothing
+            cell = f"{float(r.auroc):.3f} (n = 1 {'positive' if pos == 1 else 'negative'})"
+        else:
+            cell = ci_cell(float(r.auroc), float(r.ci_low), float(r.ci_high)) if min(pos, neg) > 0 else "–"
+        m = re.fullmatch(r"(\d+) of (\d+) resamples had one class and were skipped", str(r.note))
+        note = f"CI over the {int(m.group(2)) - int(m.group(1))} resamples with both classes" if m else str(r.note)
+        note = "" if min(pos, neg) == 1 else note
+        rows.append([r.finding, cell, pos, neg, note])
     defined = pd.to_numeric(df["auroc"], errors="coerce").dropna()
     if len(defined):
         rows.append([f"mean ({len(defined)} findings)", f"{defined.mean():.3f}", "", "", ""])
