@@ -23,7 +23,7 @@ __all__ = ["Table", "TableGroup", "ci_cell"]
 _HTML = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=True).from_string(
     """<h3>{{ t.title }}</h3>
 {% if t.protocol %}<p class='protocol'>{{ t.protocol }}</p>
-{% endif %}<table class='t'><thead><tr>{% for c in t.frame.columns %}<th>{{ c }}</th>{% endfor %}</tr></thead><tbody>
+{% endif %}<table class='{{ t.html_class }}'><thead><tr>{% for c in t.frame.columns %}<th>{{ c }}</th>{% endfor %}</tr></thead><tbody>
 {% for row in t.frame.itertuples(index=False) %}<tr>{% for v in row %}<td>{{ v }}</td>{% endfor %}</tr>
 {% endfor %}</tbody></table>
 {% if t.notes %}<p class='meta'>{{ t.notes }}</p>
@@ -52,8 +52,9 @@ def _md_cell(v: Any) -> str:
 class Table:
     """One summary table: ``name`` (file stem under ``tables/``), ``title``, the ``protocol``
     paragraph behind its numbers, the display ``frame``, the numbers ``data``, ``meta`` (extra
-    keys of the JSON and leading columns of the CSV, e.g. subset and ground truth) and ``notes``
-    (one line under the table)."""
+    keys of the JSON and leading columns of the CSV, e.g. subset and ground truth), ``notes``
+    (one line under the table) and ``html_class`` (the HTML table's class: ``t`` for a results
+    table, ``kv`` for a two-column item / value list)."""
 
     name: str
     title: str
@@ -62,6 +63,7 @@ class Table:
     protocol: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
     notes: str = ""
+    html_class: str = "t"
 
     def to_markdown(self) -> str:
         """``### title``, the protocol paragraph, the pipe table of ``frame``, the notes."""
@@ -78,7 +80,8 @@ class Table:
         return "\n".join(lines) + "\n"
 
     def to_html(self) -> str:
-        """The same title, protocol, table and notes as HTML (``<table class='t'>``, text escaped)."""
+        """The same title, protocol, table and notes as HTML (``<table class='t'>`` or :attr:`html_class`,
+        text escaped)."""
         return _HTML.render(t=self)
 
     def csv_frame(self) -> pd.DataFrame:
