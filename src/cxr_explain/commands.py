@@ -77,6 +77,15 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--full", action="store_true", help="the whole benchmark, every test image, faithfulness checks")
     p.add_argument("--device", default="cpu")
     p.add_argument("--workers", type=int, default=None, help="processes for generating / decoding")
+    p.add_argument("--chexlocalize", action="store_true",
+                   help="evaluate the benchmark's CheXlocalize-style copy instead (written to OUT/phantom_chexlocalize): "
+                        "Table 2 on its masks and the CheXlocalize protocol's mIoU / hit rate per pathology, "
+                        "in OUT/results_chexlocalize")
+    p.add_argument("--checkpoint", help="another model than the shipped one (its films default to its input size)")
+    p.add_argument("--films", type=int, help="films to generate (default: 1000, or the benchmark's n with --full)")
+    p.add_argument("--size", type=int, help="film size in px, at least 32 (default: the model's benchmark)")
+    p.add_argument("--seed", type=int, help="benchmark seed (default: the model's benchmark, else 0)")
+    p.add_argument("--max-images", type=int, help="test films to evaluate (default 150)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -217,4 +226,8 @@ def demo_cli(args) -> Path:
     """``cxr-explain demo``."""
     from .demo import demo
 
-    return demo(args.out, full=args.full, device=args.device, workers=args.workers, progress=not args.no_progress)
+    model = load_model_from_args(args) if getattr(args, "checkpoint", None) else None
+    return demo(args.out, full=args.full, device=args.device, workers=args.workers, progress=not args.no_progress,
+                model=model, seed=args.seed, size=args.size, n_generate=args.films, max_images=args.max_images,
+                chexlocalize=args.chexlocalize, checkpoint=getattr(args, "checkpoint", None))
+
