@@ -1,4 +1,4 @@
-"""`cxr-explain demo --chexlocalize` on a tiny benchmark."""
+"""`cxr-explain demo --chexlocalize` and `cxr-explain export-chexlocalize` on a tiny benchmark."""
 from __future__ import annotations
 
 import dataclasses
@@ -12,6 +12,7 @@ import torch
 from cxr_explain.cli import main
 from cxr_explain.data.chexlocalize import CheXlocalizeDataset
 from cxr_explain.data.phantom import generate
+from cxr_explain.data.phantom_export import export_chexlocalize
 from cxr_explain.evaluation.chexlocalize import RECORDS_NAME
 from cxr_explain.metrics.chexlocalize import iou_from_counts
 from cxr_explain.models import build_model, save_checkpoint
@@ -56,6 +57,26 @@ def test_demo_chexlocalize_writes_the_protocol_table_and_report(ckpt, tmp_path, 
     assert "synthetic benchmark films" in page and "in the CheXlocalize layout" in page
     assert "r18.pt; SHA-256 " in page and str(tmp_path) not in page
     assert "real radiographs mean nothing" not in page  # the copy is known as synthetic: no warning
+
+
+def test_export_chexlocalize_cli_equals_the_api_and_checks_its_options(tmp_path, capsys):
+    bench = generate(tmp_path / "bench", 8, seed=SEED, size=SIZE, workers=1, progress=False)
+    assert main(["export-chexlocalize", "--data", str(bench), "--out", str(tmp_path / "cli"), "--seed", "3"]) == 0
+    assert "CheXlocalize-style copy written to" in capsys.readouterr().out
+    export_chexlocalize(bench, tmp_path / "api", seed=3)
+    files = sorted(p.relative_to(tmp_path / "api") for p in (tmp_path / "api").rglob("*") if p.is_file())
+    assert files and files == sorted(p.relative_to(tmp_path / "cli") for p in (tmp_path / "cli").rglob("*")
+                                     if p.is_file())
+    for rel in files:
+        if rel.suffix in (".csv", ".png", ".json") and rel.name != "chexlocalize_export.json":
+            assert (tmp_path / "cli" / rel).read_bytes() == (tmp_path / "api" / rel).read_bytes(), rel
+    bad = [(["--data", str(tmp_path / "nope"), "--out", str(tmp_path / "x")], "folder not found"),
+           (["--data", str(bench), "--out", str(tmp_path / "x"), "--uncertain-fraction", "2"], "uncertain_fraction"),
+           (["--data", str(bench), "--out", str(bench)], "another folder")]
+    for args, words in bad:
+        assert main(["export-chexlocalize", *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert words in err and "\n" not in err, err
 
 
 def test_demo_options_are_checked(ckpt, tmp_path, capsys):

@@ -90,6 +90,18 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
+def add_export_chexlocalize_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Options of ``cxr-explain export-chexlocalize``."""
+    p.add_argument("--data", required=True, help="a synthetic benchmark folder (NIH layout, `cxr-explain phantom`)")
+    p.add_argument("--out", required=True, help="folder for the CheXpert / CheXlocalize-style copy")
+    p.add_argument("--uncertain-fraction", type=float, default=0.1,
+                   help="share of training label cells written as -1 (uncertain), in [0, 1] (default 0.1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the training labels' uncertainty (default 0)")
+    p.add_argument("--image-format", choices=["png", "jpg"], default="png",
+                   help="png: byte-for-byte copies (default); jpg: re-encoded, quality 95 (lossy)")
+    return p
+
+
 def load_model_from_args(args) -> object:
     """The checkpoint named by ``--checkpoint`` (strict load), else the shipped model."""
     if getattr(args, "checkpoint", None):
@@ -231,3 +243,14 @@ def demo_cli(args) -> Path:
                 model=model, seed=args.seed, size=args.size, n_generate=args.films, max_images=args.max_images,
                 chexlocalize=args.chexlocalize, checkpoint=getattr(args, "checkpoint", None))
 
+
+def export_chexlocalize_cli(args) -> Path:
+    """``cxr-explain export-chexlocalize``: :func:`~.data.phantom_export.export_chexlocalize`; prints the folder."""
+    from .data.phantom_export import export_chexlocalize
+
+    if not Path(args.data).is_dir():
+        raise CxrExplainError(f"--data {args.data}: folder not found; pass a benchmark written by `cxr-explain phantom`")
+    out = export_chexlocalize(args.data, args.out, uncertain_fraction=args.uncertain_fraction, seed=args.seed,
+                              image_format=args.image_format)
+    print(f"CheXlocalize-style copy written to {Path(out).resolve()}")
+    return out
