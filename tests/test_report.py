@@ -19,7 +19,7 @@ from cxr_explain.evaluation.auroc import evaluated_auroc
 from cxr_explain.evaluation.describe import describe_run
 from cxr_explain.results import read_results
 from cxr_explain.models.zoo import BENCHMARK_LABELS, ModelSpec
-from cxr_explain.report.figures import iou_curves, methods_grid, select_regions
+from cxr_explain.report.figures import methods_grid, select_regions
 from cxr_explain.report.html import write_report
 from cxr_explain.results.run import record_about
 

@@ -78,8 +78,8 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--workers", type=int, default=None, help="processes for generating / decoding")
     p.add_argument("--chexlocalize", action="store_true",
-                   help="evaluate the benchmark's CheXlocalize-style copy instead (written to OUT/phantom_chexlocalize): "
-                        "Table 2 on its masks and the CheXlocalize protocol's mIoU / hit rate per pathology, "
+                   help="evaluate the benchmark's CheXlocalize-style copy instead (written to "
+                        "OUT/phantom_chexlocalize): Table 2 on its masks and the CheXlocalize protocol's mIoU / hit rate per pathology, "
                         "in OUT/results_chexlocalize")
     p.add_argument("--checkpoint", help="another model than the shipped one (its films default to its input size)")
     p.add_argument("--films", type=int, help="films to generate (default: 1000, or the benchmark's n with --full)")
@@ -159,8 +159,8 @@ def _chexlocalize_all_pairs(args) -> bool:
 def evaluate_cli(args) -> Path:
     """``cxr-explain evaluate``: :func:`~.evaluation.evaluate` (with the CheXlocalize protocol and the
     intention analysis when asked), the run's description and the model's AUROC on the evaluated
-    films (:mod:`~.evaluation.describe`, :mod:`~.evaluation.auroc`), then the report (:func:`~.report.html.write_report`, or only the
-    tables with ``--no-report``); prints Table 2 (and the CheXlocalize table)."""
+    films (:mod:`~.evaluation.describe`, :mod:`~.evaluation.auroc`), then the report
+    (:func:`~.report.html.write_report`, or only the tables with ``--no-report``); prints Table 2 (and the CheXlocalize table)."""
     from .attribution.methods import parse_method_options
     from .evaluation import evaluate
     from .results.summary import table2_text, write_summaries

@@ -4,9 +4,10 @@
 (re)writes the header tables (:func:`~cxr_explain.results.header.header_tables`: what was evaluated
 with what, the model's AUROC on those films) and the summary tables
 (:func:`~cxr_explain.results.summary.summary_tables`; one writer for CSV, Markdown and HTML) and the
-figures, and fills the jinja2 template ``templates/report.html.j2`` with those tables, the figures and a gallery per finding (one row per lesion: the X-ray with its
-box, then each method's heatmap with its scores). Every image is embedded as a base64 PNG; the page
-makes no external request and runs no script.
+figures, and fills the jinja2 template ``templates/report.html.j2`` with those tables, the figures
+and a gallery per finding (one row per lesion: the X-ray with its box, then each method's heatmap
+with its scores). Every image is embedded as a base64 PNG; the page makes no external request and
+runs no script.
 """
 from __future__ import annotations
 
