@@ -25,9 +25,12 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=1024)
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--figure", action="store_true", help="write docs/phantom_vs_real.png and exit")
+    ap.add_argument("--real-dir", default=None, help="--figure: folder holding the four real NIH PNGs it shows")
     a = ap.parse_args()
     if a.figure:
-        comparison_figure()
+        if not a.real_dir:
+            ap.error("--figure needs --real-dir (a folder with the NIH PNGs 00000129_000.png, 00001933_000.png, ...)")
+        comparison_figure(real_dir=a.real_dir)
         return
     rows = []
     t, c = time.perf_counter(), _cpu()
@@ -49,8 +52,7 @@ def main() -> None:
 
 
 
-def comparison_figure(out: str = "docs/phantom_vs_real.png", real_dir: str = "/work/shared/data/real_cxr/nih_png",
-                      seed: int = 0) -> None:
+def comparison_figure(real_dir: str, out: str = "docs/phantom_vs_real.png", seed: int = 0) -> None:
     """One phantom per finding (box in red) next to 4 real NIH films: ``docs/phantom_vs_real.png``."""
     import matplotlib
     matplotlib.use("Agg")

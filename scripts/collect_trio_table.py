@@ -5,7 +5,7 @@ Reads every ``WORK/pneu_<arch>_<data>/`` folder: ``test_split/table1.csv`` (test
 tell-tale of a shortcut) and ``history.jsonl`` (best epoch, its validation AUROC, training time).
 Prints a Markdown table and writes it to ``--out``.
 
-    python scripts/collect_trio_table.py /work/runs --out /work/runs/table1_trio.md
+    python scripts/collect_trio_table.py runs --out runs/table1_trio.md
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 # Reproduce the model shipped as src/cxr_explain/assets/default_densenet121.pt.
 # CPU, 1 torch thread (fastest on a shared 2-core machine), about 45-60 minutes depending on load (the shipped run: 46 min).
 set -euo pipefail
-WORK=${WORK:-/work/runs}
+WORK=${WORK:-runs}
 DATA=$WORK/bench_nih_s0_128
 RUN=$WORK/default_densenet121
 

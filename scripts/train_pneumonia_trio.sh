@@ -7,11 +7,11 @@
 #
 # Every step resumes: a finished dataset / model / table is skipped, an interrupted training continues
 # from its last epoch. Settings (environment variables, defaults = the reduced CPU run):
-#   WORK=/work/runs  DEVICE=cpu  SIZE=128  N=3000  EPOCHS=5  BATCH=16  WORKERS=0  GEN_WORKERS=1
+#   WORK=runs  DEVICE=cpu  SIZE=128  N=3000  EPOCHS=5  BATCH=16  WORKERS=0  GEN_WORKERS=1
 #   THREADS=1  ARCHS="densenet121 resnet50 vgg16"  INTENTION_IMAGES=200  PYTHON=python3
 # GPU run used for the README table: DEVICE=cuda SIZE=224 N=6000 EPOCHS=8 BATCH=64 WORKERS=12 GEN_WORKERS=16
 set -euo pipefail
-WORK=${WORK:-/work/runs}
+WORK=${WORK:-runs}
 DEVICE=${DEVICE:-cpu}
 SIZE=${SIZE:-128}
 N=${N:-3000}

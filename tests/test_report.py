@@ -15,10 +15,13 @@ from PIL import Image
 from cxr_explain.data.nih import NIHDataset
 from cxr_explain.data.phantom import generate
 from cxr_explain.evaluation import evaluate
+from cxr_explain.evaluation.auroc import evaluated_auroc
+from cxr_explain.evaluation.describe import describe_run
 from cxr_explain.results import read_results
 from cxr_explain.models.zoo import BENCHMARK_LABELS, ModelSpec
-from cxr_explain.report.figures import iou_curves, methods_grid, select_regions
+from cxr_explain.report.figures import methods_grid, select_regions
 from cxr_explain.report.html import write_report
+from cxr_explain.results.run import record_about
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -37,7 +40,10 @@ def results(tmp_path_factory) -> Path:
     generate(root, 12, seed=7, size=64, workers=1, progress=False)
     ds = NIHDataset(root, boxed_only=True, findings=BENCHMARK_LABELS)
     out = tmp_path_factory.mktemp("res")
-    evaluate(_model(), ds, ("cam", "lrp", "rap"), out_dir=out, progress=False)
+    model = _model()
+    evaluate(model, ds, ("cam", "lrp", "rap"), out_dir=out, progress=False)
+    record_about(out, describe_run(model, ds, notes=["a warning about /tmp/somewhere/film.png"]))
+    evaluated_auroc(model, ds, out, n_boot=100)
     return out
 
 
@@ -58,6 +64,41 @@ def test_report_is_self_contained(report, results):
     assert "Protocol: docs/evaluation.md §1" in text and "<table class='t'>" in text
     for f in set(df["finding"]):
         assert f"<summary>{f} (" in text
+
+
+def test_report_header_is_a_readable_table_without_machine_paths(report, results):
+    text = report.read_text()
+    head = text[:text.index("<h2>")]
+    assert "<h3>What was evaluated</h3>" in head and "<table class='kv'>" in head
+    for want in ("<td>model</td><td>tiny-cnn; 8 outputs (multi-label logits): Atelectasis, Cardiomegaly",
+                 "<td>synthetic benchmark films (cxr-explain phantom, seed 7, 64 px); not real radiographs; ",
+                 "<td>input</td><td>64 × 64 px; gray (1 channel, intensities scaled to [0, 1])",
+                 "<td>checkpoint</td><td>no checkpoint file recorded",
+                 "<td>warning</td><td>a warning about film.png</td>",
+                 "<h3>Model AUROC on the evaluated films</h3>"):
+        assert want in head, want
+    assert "{&#39;" not in text and "{'" not in text and "NIHDataset" not in text  # no raw dict, no class name
+    assert str(results.parent) not in text and "/tmp/" not in text  # no machine path anywhere in the page
+    assert (results / "tables" / "header.md").read_text().startswith("### What was evaluated")
+    assert (results / "tables" / "auroc.csv").is_file()
+
+
+def test_header_of_a_folder_without_description(results, tmp_path):
+    import json
+    import shutil as sh
+
+    from cxr_explain.results.header import header_table
+
+    folder = tmp_path / "plain"
+    sh.copytree(results, folder)
+    run = json.loads((folder / "run.json").read_text())
+    run.pop("about")
+    run["model"]["provenance"] = {"file": "/home/someone/ckpts/best.pt", "sha256": "0123456789abcdef" * 4}
+    (folder / "run.json").write_text(json.dumps(run))
+    rows = dict(header_table(folder).frame.itertuples(index=False))
+    assert rows["checkpoint"] == "best.pt; SHA-256 0123456789ab…"
+    assert rows["films evaluated"].startswith(f"NIH ChestX-ray14 layout, folder '{Path(run['dataset']['root']).name}'")
+    assert rows["training data"] == "not recorded in the checkpoint" and "warning" not in rows
 
 
 def test_figures_written_as_png_and_pdf(report, results):

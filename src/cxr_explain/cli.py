@@ -120,6 +120,8 @@ _DELEGATED: dict[str, tuple[str, str, str, str]] = {
     "report": ("cxr_explain.commands", "add_report_arguments", "report_cli", "figures and the HTML report"),
     "demo": ("cxr_explain.commands", "add_demo_arguments", "demo_cli",
              "the main job on the built-in synthetic benchmark and the shipped model"),
+    "export-chexlocalize": ("cxr_explain.commands", "add_export_chexlocalize_arguments", "export_chexlocalize_cli",
+                            "copy a synthetic benchmark into CheXpert / CheXlocalize's layout"),
 }
 
 

@@ -81,7 +81,28 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--full", action="store_true", help="the whole benchmark, every test image, faithfulness checks")
     p.add_argument("--device", default="cpu")
     p.add_argument("--workers", type=int, default=None, help="processes for generating / decoding")
+    p.add_argument("--chexlocalize", action="store_true",
+                   help="evaluate the benchmark's CheXlocalize-style copy instead (written to "
+                        "OUT/phantom_chexlocalize): Table 2 on its masks and the CheXlocalize protocol's mIoU / hit rate per pathology, "
+                        "in OUT/results_chexlocalize")
+    p.add_argument("--checkpoint", help="another model than the shipped one (its films default to its input size)")
+    p.add_argument("--films", type=int, help="films to generate (default: 1000, or the benchmark's n with --full)")
+    p.add_argument("--size", type=int, help="film size in px, at least 32 (default: the model's benchmark)")
+    p.add_argument("--seed", type=int, help="benchmark seed (default: the model's benchmark, else 0)")
+    p.add_argument("--max-images", type=int, help="test films to evaluate (default 150)")
     p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def add_export_chexlocalize_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Options of ``cxr-explain export-chexlocalize``."""
+    p.add_argument("--data", required=True, help="a synthetic benchmark folder (NIH layout, `cxr-explain phantom`)")
+    p.add_argument("--out", required=True, help="folder for the CheXpert / CheXlocalize-style copy")
+    p.add_argument("--uncertain-fraction", type=float, default=0.1,
+                   help="share of training label cells written as -1 (uncertain), in [0, 1] (default 0.1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the training labels' uncertainty (default 0)")
+    p.add_argument("--image-format", choices=["png", "jpg"], default="png",
+                   help="png: byte-for-byte copies (default); jpg: re-encoded, quality 95 (lossy)")
     return p
 
 
@@ -190,9 +211,11 @@ def _check_earlier_run(out: Path, args) -> None:
 
 def evaluate_cli(args) -> int:
     """``cxr-explain evaluate``: :func:`~.evaluation.evaluate` (with the CheXlocalize protocol and the
-    intention analysis when asked), then the report (:func:`~.report.html.write_report`, or only the
-    tables with ``--no-report``); prints Table 2 (and the CheXlocalize table). Exit status: 0 when
-    every film was scored, 1 when some failed (``failures.csv``)."""
+    intention analysis when asked), the run's description and the model's AUROC on the evaluated
+    films (:mod:`~.evaluation.describe`, :mod:`~.evaluation.auroc`), then the report
+    (:func:`~.report.html.write_report`, or only the tables with ``--no-report``); prints Table 2 (and
+    the CheXlocalize table). Exit status: 0 when every film was scored, 1 when some failed
+    (``failures.csv``)."""
     from .evaluation import evaluate
     from .results.csvlog import FAILURES_COLUMNS, FAILURES_FILE, read_rows
     from .results.schema import RESULTS_NAME
@@ -246,6 +269,15 @@ def evaluate_cli(args) -> int:
               file=sys.stderr)
     if failed and not len(read_results(Path(out) / RESULTS_NAME)):
         return 1  # every film failed: nothing to summarise
+    from .evaluation.describe import describe_run
+    from .results.run import record_about
+
+    record_about(out, describe_run(model, ds, getattr(args, "checkpoint", None),
+                                   shipped=not getattr(args, "checkpoint", None), notes=[note] if note else []))
+    from .evaluation.auroc import evaluated_auroc
+
+    evaluated_auroc(model, ds, out, batch_size=args.batch_size, device=args.device, workers=args.workers,
+                    progress=not args.no_progress)
     no_report = bool(getattr(args, "no_report", False))
     if no_report:
         write_summaries(out)
@@ -274,4 +306,19 @@ def demo_cli(args) -> Path:
     """``cxr-explain demo``."""
     from .demo import demo
 
-    return demo(args.out, full=args.full, device=args.device, workers=args.workers, progress=not args.no_progress)
+    model = load_model_from_args(args) if getattr(args, "checkpoint", None) else None
+    return demo(args.out, full=args.full, device=args.device, workers=args.workers, progress=not args.no_progress,
+                model=model, seed=args.seed, size=args.size, n_generate=args.films, max_images=args.max_images,
+                chexlocalize=args.chexlocalize, checkpoint=getattr(args, "checkpoint", None))
+
+
+def export_chexlocalize_cli(args) -> Path:
+    """``cxr-explain export-chexlocalize``: :func:`~.data.phantom_export.export_chexlocalize`; prints the folder."""
+    from .data.phantom_export import export_chexlocalize
+
+    if not Path(args.data).is_dir():
+        raise CxrExplainError(f"--data {args.data}: folder not found; pass a benchmark written by `cxr-explain phantom`")
+    out = export_chexlocalize(args.data, args.out, uncertain_fraction=args.uncertain_fraction, seed=args.seed,
+                              image_format=args.image_format)
+    print(f"CheXlocalize-style copy written to {Path(out).resolve()}")
+    return out

@@ -29,7 +29,8 @@ from .phantom_lesions import (LesionPlan, cue_pattern, draw_cue, draw_distractor
 from .types import Box
 
 __all__ = ["PhantomConfig", "Lesion", "Phantom", "render_phantom", "generate", "phantom_cli",
-           "FINDINGS", "SHORTCUTS", "NIH_DATA_ENTRY_HEADER", "NIH_BBOX_HEADER"]
+           "FINDINGS", "SHORTCUTS", "NIH_DATA_ENTRY_HEADER", "NIH_BBOX_HEADER", "benchmark_root", "benchmark_info",
+           "EXPORT_MANIFEST", "GENERATOR_PREFIX"]
 
 #: The 8 box findings the phantom draws (Data_Entry spelling).
 FINDINGS: tuple[str, ...] = tuple(BOX_FINDINGS)
@@ -306,18 +307,51 @@ def _write_dicom(path: Path, ph: Phantom, seed: int) -> None:
 GENERATOR_PREFIX = "cxr_explain.phantom"
 
 
-def benchmark_root(path: str | os.PathLike[str]) -> Optional[Path]:
-    """The synthetic benchmark folder ``path`` belongs to (``path`` itself or one of its three
-    nearest parents holding a ``phantom.json`` written by this generator), else None."""
-    p = Path(path).resolve()
-    for folder in ([p] if p.is_dir() else []) + list(p.parents)[:3]:
-        meta = folder / "phantom.json"
+#: The manifest :mod:`.phantom_export` writes into a CheXpert / CheXlocalize-style copy of a benchmark
+#: (its ``phantom`` entry is the source's ``phantom.json``).
+EXPORT_MANIFEST = "chexlocalize_export.json"
+
+
+def _read_meta(folder: Path) -> Optional[dict]:
+    """The generator settings recorded in ``folder`` (``phantom.json``, or an export manifest's
+    ``phantom`` entry); ``{}`` when a record is there but not this generator's; None when none is."""
+    for name, key in (("phantom.json", None), (EXPORT_MANIFEST, "phantom")):
+        meta = folder / name
         if meta.is_file():
             try:
-                generator = str(json.loads(meta.read_text()).get("generator", ""))
+                doc = json.loads(meta.read_text())
+                doc = doc.get(key) if key else doc
+                generator = str(doc.get("generator", ""))
             except (ValueError, OSError, AttributeError):
+                return {}
+            return dict(doc) if generator.startswith(GENERATOR_PREFIX) else {}
+    return None
+
+
+def benchmark_info(path: str | os.PathLike[str]) -> Optional[dict]:
+    """The settings (seed, size, layout, n, generator, ...) of the synthetic benchmark ``path``
+    belongs to: ``path`` itself or one of its three nearest parents holds a ``phantom.json`` written
+    by this generator, or the manifest of a CheXlocalize-style copy of one (:mod:`.phantom_export`);
+    the dict gains ``export: True`` for a copy. None for anything else."""
+    p = Path(path).resolve()
+    for folder in ([p] if p.is_dir() else []) + list(p.parents)[:3]:
+        meta = _read_meta(folder)
+        if meta is not None:
+            if not meta:
                 return None
-            return folder if generator.startswith(GENERATOR_PREFIX) else None
+            return {**meta, "export": (folder / EXPORT_MANIFEST).is_file() and not (folder / "phantom.json").is_file()}
+    return None
+
+
+def benchmark_root(path: str | os.PathLike[str]) -> Optional[Path]:
+    """The synthetic benchmark folder ``path`` belongs to (``path`` itself or one of its three
+    nearest parents holding a ``phantom.json`` written by this generator, or a CheXlocalize-style
+    copy's manifest), else None."""
+    p = Path(path).resolve()
+    for folder in ([p] if p.is_dir() else []) + list(p.parents)[:3]:
+        meta = _read_meta(folder)
+        if meta is not None:
+            return folder if meta else None
     return None
 
 

@@ -7,7 +7,7 @@ layout of CheXlocalize's download (docs/chexlocalize.md §0)::
     CheXpert/train.csv, CheXpert/val_labels.csv, CheXpert/test_labels.csv
     CheXpert/{train,val,test}/patient00001/study1/view1_frontal.png
     CheXlocalize/gt_segmentations_val.json, CheXlocalize/gt_segmentations_test.json
-    chexlocalize_export.json        (source, settings, image id -> phantom file)
+    chexlocalize_export.json        (source folder name, its phantom.json, settings, image id -> phantom file)
 
 Film ``0000PPPP_00F.png`` becomes ``patientPPPPP/study<F+1>/view1_frontal``. Label columns are
 ``No Finding`` and the benchmark's findings (the model-side names, so the shipped model's outputs
@@ -36,12 +36,11 @@ from ..errors import CxrExplainError, DataError
 from .chexlocalize import write_segmentations
 from .labels import NO_FINDING
 from .nih import find_nih_images, read_data_entry, read_mask, read_masks_csv, read_split_csv
-from .phantom import FINDINGS
+from .phantom import EXPORT_MANIFEST, FINDINGS
 
 __all__ = ["export_chexlocalize", "EXPORT_MANIFEST", "SPLIT_CSV_NAMES"]
 
 PathLike = Union[str, Path]
-EXPORT_MANIFEST = "chexlocalize_export.json"
 #: split → label CSV name (CheXpert's train.csv; CheXlocalize's val/test label files).
 SPLIT_CSV_NAMES = {"train": "train.csv", "val": "val_labels.csv", "test": "test_labels.csv"}
 _HEADER = ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", NO_FINDING, *FINDINGS]
@@ -63,8 +62,9 @@ def export_chexlocalize(phantom_dir: PathLike, out_dir: PathLike, uncertain_frac
         raise CxrExplainError(f"uncertain_fraction {uncertain_fraction} must be in [0, 1]")
     meta = src / "phantom.json"
     try:
-        layout = json.loads(meta.read_text()).get("layout") if meta.is_file() else None
-    except ValueError:
+        phantom = json.loads(meta.read_text()) if meta.is_file() else {}
+        layout = phantom.get("layout")
+    except (ValueError, AttributeError):
         raise DataError(f"{meta} is not valid JSON; regenerate the benchmark") from None
     if layout != "nih":
         raise DataError(f"{src}: not a synthetic benchmark in the NIH layout (phantom.json layout: {layout!r}); "
@@ -115,7 +115,7 @@ def export_chexlocalize(phantom_dir: PathLike, out_dir: PathLike, uncertain_frac
         _write_csv(out / "CheXpert" / name, rows[sp])
     for sp, per in gt.items():
         write_segmentations(out / "CheXlocalize" / f"gt_segmentations_{sp}.json", per)
-    manifest = {"source": str(src.resolve()), "uncertain_fraction": float(uncertain_fraction), "seed": int(seed),
+    manifest = {"source": src.name, "phantom": phantom, "uncertain_fraction": float(uncertain_fraction), "seed": int(seed),
                 "image_format": image_format, "images": id_map}
     _atomic_text(out / EXPORT_MANIFEST, json.dumps(manifest, indent=1))
     return out

@@ -21,6 +21,7 @@ from torch import nn
 
 from ..errors import CheckpointError
 from .checkpoints import load_checkpoint
+from .provenance import strip_machine_paths
 from .zoo import ModelSpec
 
 __all__ = ["DEFAULT_ASSET", "CARD_NAME", "default_checkpoint_path", "load_default_model", "default_model_info",
@@ -40,8 +41,11 @@ def default_checkpoint_path() -> Path:
 
 
 def load_default_model() -> nn.Module:
-    """The shipped DenseNet-121 (benchmark labels, eval mode, ``model.cxr_spec`` set), float32."""
-    model, _, _ = load_checkpoint(default_checkpoint_path())
+    """The shipped DenseNet-121 (benchmark labels, eval mode, ``model.cxr_spec`` set), float32.
+    Its provenance loses the training machine's paths (:func:`~.provenance.strip_machine_paths`),
+    so run records and reports made with it hold none."""
+    model, spec, _ = load_checkpoint(default_checkpoint_path())
+    spec.provenance = strip_machine_paths(dict(spec.provenance))
     return model.eval()
 
 
@@ -71,11 +75,12 @@ def synthetic_model_warning(model: nn.Module, data: Sequence[Any], shipped: bool
 
 
 def default_model_info(path: Optional[Path] = None) -> dict[str, Any]:
-    """The card's numbers stored in the asset: ``{"card": {...}, "reference": {...}}``."""
+    """The card's numbers stored in the asset: ``{"card": {...}, "reference": {...}, "provenance": {...}}``
+    (card and provenance without machine paths)."""
     obj = torch.load(path or default_checkpoint_path(), map_location="cpu", weights_only=True)
     extra = obj.get("extra", {}) if isinstance(obj, dict) else {}
-    return {"card": extra.get("card", {}), "reference": extra.get("reference", {}),
-            "provenance": obj.get("provenance", {})}
+    return {"card": strip_machine_paths(extra.get("card", {})), "reference": extra.get("reference", {}),
+            "provenance": strip_machine_paths(obj.get("provenance", {}))}
 
 
 def render_films(indices: Sequence[int], seed: int, size: int) -> np.ndarray:

@@ -1,11 +1,13 @@
 """One self-contained HTML report of an evaluation folder.
 
 ``write_report(results_dir)`` reads the folder once (:class:`~cxr_explain.results.ResultsFolder`),
-(re)writes the summary tables (:func:`~cxr_explain.results.summary.summary_tables`, one writer for
-CSV, Markdown and HTML) and the figures, and fills the jinja2 template ``templates/report.html.j2``
-with those tables, the figures and a gallery per finding (one row per lesion: the X-ray with its
-box, then each method's heatmap with its scores). Every image is embedded as a base64 PNG; the page
-makes no external request and runs no script.
+(re)writes the header tables (:func:`~cxr_explain.results.header.header_tables`: what was evaluated
+with what, the model's AUROC on those films) and the summary tables
+(:func:`~cxr_explain.results.summary.summary_tables`; one writer for CSV, Markdown and HTML) and the
+figures, and fills the jinja2 template ``templates/report.html.j2`` with those tables, the figures
+and a gallery per finding (one row per lesion: the X-ray with its box, then each method's heatmap
+with its scores). Every image is embedded as a base64 PNG; the page makes no external request and
+runs no script.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import pandas as pd
 from PIL import Image
 
 from ..results.folder import ResultsFolder
+from ..results.header import header_tables
 from ..results.schema import iou_column, thresholds_of
 from ..results.summary import ABBREV, summary_tables
 from .figures import MapStore, make_figures, region_table, tile
@@ -43,6 +46,9 @@ details{margin:.4em 0} summary{cursor:pointer;font-weight:600;font-size:1.02em}
 table.g{border-collapse:collapse} table.g td{vertical-align:top;padding:3px;font-size:.72em;text-align:center}
 table.g th{font-size:.8em} table.g img{display:block}
 .meta{font-size:.85em;color:#555}
+table.kv{border-collapse:collapse;font-size:.85em;margin:.4em 0 1em;max-width:1100px}
+table.kv thead{display:none} table.kv td{border:1px solid #ddd;padding:3px 8px;text-align:left;vertical-align:top}
+table.kv td:first-child{font-weight:600;white-space:nowrap;background:#f4f4f4}
 """
 
 
@@ -120,12 +126,12 @@ def gallery(folder: ResultsFolder, df: pd.DataFrame, per_finding: int, thumb: in
 
 
 def render_report(folder: ResultsFolder, tables: list, figures: dict[str, list[Path]], gallery_data: dict,
-                  title: Optional[str] = None) -> str:
-    """The report page: the template filled with ``tables`` (:class:`~cxr_explain.results.tables.Table`),
-    ``figures`` (``{name: [png, pdf]}``) and :func:`gallery` data."""
-    df, run = folder.results, folder.run
-    model = run.get("model", {})
-    ds = run.get("dataset", {})
+                  title: Optional[str] = None, header: Optional[list] = None) -> str:
+    """The report page: the template filled with the ``header`` tables (what was evaluated, the
+    model's AUROC; :func:`~cxr_explain.results.header.header_tables`), ``tables``
+    (:class:`~cxr_explain.results.tables.Table`), ``figures`` (``{name: [png, pdf]}``) and
+    :func:`gallery` data."""
+    header = header_tables(folder) if header is None else header
 
     def figs(prefix: str) -> list[dict]:
         return [{"name": k, "src": _file_uri(v[0])} for k, v in figures.items() if k.startswith(prefix)]
@@ -136,11 +142,7 @@ def render_report(folder: ResultsFolder, tables: list, figures: dict[str, list[P
     extra_pngs = sorted(folder.figures_dir.glob("deletion*.png"))
     return _template().render(
         title=title or "cxr-explain report", heading=title or "cxr-explain evaluation report", css=_CSS,
-        model={"arch": model.get("arch", "?"), "provenance": model.get("provenance", {}),
-               "labels": ", ".join(model.get("labels", [])), "preprocessing": model.get("preprocessing", "?"),
-               "input_size": model.get("input_size", "?")},
-        data={"type": ds.get("type", "?"), "root": ds.get("root", ""), "n_images": df["image_id"].nunique(),
-              "n_rows": len(df), "methods": ", ".join(dict.fromkeys(df["method"]))},
+        header=header,
         table2=named("table2_"), metrics=named("metrics_"), curves=figs("iou_curves"),
         chexlocalize=named("chexlocalize"),
         checks=named("faithfulness") + named("randomization") + named("conservation"),
@@ -155,10 +157,11 @@ def write_report(results_dir: str | os.PathLike, gallery_per_finding: int = 6, t
     folder = ResultsFolder(results_dir)
     df = folder.require_results("report")  # read once, shared by tables, figures and gallery
     tables = summary_tables(folder)
-    for t in tables:
+    header = header_tables(folder)
+    for t in header + tables:
         t.write(folder.tables_dir)
     figures = make_figures(folder, grids=grids)
-    doc = render_report(folder, tables, figures, gallery(folder, df, gallery_per_finding, thumb), title)
+    doc = render_report(folder, tables, figures, gallery(folder, df, gallery_per_finding, thumb), title, header)
     out = folder.path / REPORT_NAME
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(doc, encoding="utf-8")

@@ -48,7 +48,8 @@ def faithfulness_table(per_image: pd.DataFrame, settings: dict) -> Table:
     rows, data = [], []
     for m, g in per_image.groupby("method", sort=False):
         d, i = _mean_ci(g["deletion_auc"]), _mean_ci(g["insertion_auc"])
-        rows.append([m.upper(), ci_cell(*d), ci_cell(*i), len(g)])
+        rows.append([m.upper(), ci_cell(*d, n=int(g["deletion_auc"].notna().sum())),
+                     ci_cell(*i, n=int(g["insertion_auc"].notna().sum())), len(g)])
         data.append({"method": m, "n": len(g), "deletion_auc": d[0], "deletion_auc_low": d[1],
                      "deletion_auc_high": d[2], "insertion_auc": i[0], "insertion_auc_low": i[1],
                      "insertion_auc_high": i[2]})
@@ -81,13 +82,14 @@ def randomization_table(per_image: pd.DataFrame) -> Table:
 
 
 def summarize_intention(per_image: pd.DataFrame, n_boot: int = 1000) -> pd.DataFrame:
-    """Per (method, class): n and mean, CI low and high of each share."""
+    """Per (method, class): n and, per share, its mean, CI low and high and its own n (finite values)."""
     rows = []
     for (m, c), g in per_image.groupby(["method", "class"], sort=False):
         r = {"method": m, "class": c, "n": len(g)}
         for s in SHARES:
-            mean, lo, hi = bootstrap_mean_ci(g[s].to_numpy(dtype=float), n_boot=n_boot)
-            r.update({s: mean, f"{s}_low": lo, f"{s}_high": hi})
+            v = g[s].to_numpy(dtype=float)
+            mean, lo, hi = bootstrap_mean_ci(v, n_boot=n_boot)
+            r.update({s: mean, f"{s}_low": lo, f"{s}_high": hi, f"{s}_n": int(np.isfinite(v).sum())})
         rows.append(r)
     return pd.DataFrame(rows)
 
@@ -101,7 +103,7 @@ def intention_table(per_image: pd.DataFrame, finding: str = "Pneumonia", model_n
             f"on the planted cue (images with a cue only); mean [bootstrap 95% CI]. Model: {model_name}.")
 
     def cell(r, s):
-        return "–" if not math.isfinite(r[s]) else ci_cell(r[s], r[s + "_low"], r[s + "_high"])
+        return "–" if not math.isfinite(r[s]) else ci_cell(r[s], r[s + "_low"], r[s + "_high"], int(r[s + "_n"]))
 
     frame = pd.DataFrame([[r["method"].upper(), r["class"], r["n"]] + [cell(r, s) for s in SHARES]
                           for _, r in summ.iterrows()],

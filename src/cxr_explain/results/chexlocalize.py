@@ -66,9 +66,10 @@ def _order(values, preferred: Sequence[str]) -> list:
 
 
 def _cell(r: Optional[dict]) -> str:
-    if r is None or not math.isfinite(r["mean"]):
+    if r is None or not math.isfinite(r["mean"]) or int(r["n"]) <= 0:
         return "–"
-    return ci_cell(r["mean"], r["ci_low"], r["ci_high"]) + f" ({int(r['n'])})"
+    n = int(r["n"])
+    return ci_cell(r["mean"], r["ci_low"], r["ci_high"], n) + ("" if n == 1 else f" ({n})")
 
 
 def _summary_frame(summary: pd.DataFrame, findings_order: Sequence[str],

@@ -13,11 +13,14 @@ from pathlib import Path
 
 from ..errors import CxrExplainError
 
-__all__ = ["RUN_FILE", "FIXED", "load_run", "record_run"]
+__all__ = ["RUN_FILE", "FIXED", "ABOUT", "load_run", "record_run", "record_about"]
 
 RUN_FILE = "run.json"
 #: Settings that every row of one results folder shares.
 FIXED = ("thresholds", "resize", "empty_region", "scaling", "model", "masks", "versus")
+#: Key of the run's description for people (checkpoint file and digest, training data, films, notes):
+#: written after the evaluation by :func:`record_about`, never compared on a rerun.
+ABOUT = "about"
 
 
 def load_run(results_dir: Path | str) -> dict:
@@ -58,3 +61,19 @@ def record_run(out: Path | str, settings: dict) -> dict:
     tmp.write_text(json.dumps(settings, indent=1))
     os.replace(tmp, p)
     return settings
+
+
+def record_about(out: Path | str, about: dict) -> dict:
+    """Store ``about`` (the description the report header shows: checkpoint, training data, films,
+    notes) under :data:`ABOUT` in ``out``'s ``run.json`` (atomically), replacing an earlier one;
+    returns the whole record. A CxrExplainError when the folder has no run record yet."""
+    out = Path(out)
+    run = load_run(out)
+    if not run:
+        raise CxrExplainError(f"{out / RUN_FILE}: no run record to describe; run evaluate into {out} first")
+    run[ABOUT] = dict(about)
+    p = out / RUN_FILE
+    tmp = p.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(run, indent=1))
+    os.replace(tmp, p)
+    return run

@@ -20,6 +20,8 @@ from ..errors import CxrExplainError
 from ..metrics.localization import bootstrap_mean_ci
 from .analyses import analysis_tables
 from .folder import TABLES_DIR, ResultsFolder
+from .header import arch_text, checkpoint_text, films_text
+from .run import ABOUT
 from .schema import iou_column, thresholds_of
 from .tables import Table, TableGroup, ci_cell
 
@@ -46,8 +48,7 @@ def protocol_text(run: dict, subset: str, gt: str, table: str = "iou") -> str:
     (``table="iou"``: Table 2's IoU at T; ``"metrics"``: the §2/§3 scores)."""
     model = run.get("model", {})
     ds = run.get("dataset", {})
-    prov = model.get("provenance", {})
-    ckpt = prov.get("path") or prov.get("weights") or prov.get("source") or "?"
+    about = run.get(ABOUT) or {}
     where = {"all": "all evaluated images", "test": "images in the test split"}.get(subset, subset)
     gt_txt = "the lesion box rasterised as [y, y+h) x [x, x+w)" if gt == "box" else "the exact lesion mask"
     if table == "metrics":
@@ -62,8 +63,8 @@ def protocol_text(run: dict, subset: str, gt: str, table: str = "iou") -> str:
         f"in original pixel space; a threshold with an empty region scores "
         f"{'0' if run.get('empty_region', 'zero') == 'zero' else 'NaN (excluded)'}. "
         f"Cells: mean [bootstrap 95% CI, 1000 resamples] over regions; n = number of regions. "
-        f"Subset: {where}. Model: {model.get('arch', '?')} ({ckpt}), input {model.get('preprocessing', '?')} "
-        f"{model.get('input_size', '?')} px. Data: {ds.get('type', '?')} {ds.get('root', '')}.")
+        f"Subset: {where}. Model: {arch_text(model.get('arch', '?'))}, checkpoint {checkpoint_text(about, model)}; "
+        f"input {model.get('preprocessing', '?')} {model.get('input_size', '?')} px. Data: {films_text(about, ds)}.")
 
 
 def summarize(df: pd.DataFrame, metrics: Sequence[str], n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
@@ -83,7 +84,7 @@ def summarize(df: pd.DataFrame, metrics: Sequence[str], n_boot: int = 1000, seed
 
 
 def _cell(r: Optional[pd.Series]) -> str:
-    return "–" if r is None else ci_cell(r["mean"], r["ci_low"], r["ci_high"])
+    return "–" if r is None else ci_cell(r["mean"], r["ci_low"], r["ci_high"], int(r["n"]))
 
 
 def _order(values, preferred: Sequence[str]) -> list:

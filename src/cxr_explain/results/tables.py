@@ -13,7 +13,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import jinja2
 import pandas as pd
@@ -23,18 +23,22 @@ __all__ = ["Table", "TableGroup", "ci_cell"]
 _HTML = jinja2.Environment(autoescape=True, trim_blocks=True, lstrip_blocks=True).from_string(
     """<h3>{{ t.title }}</h3>
 {% if t.protocol %}<p class='protocol'>{{ t.protocol }}</p>
-{% endif %}<table class='t'><thead><tr>{% for c in t.frame.columns %}<th>{{ c }}</th>{% endfor %}</tr></thead><tbody>
+{% endif %}<table class='{{ t.html_class }}'><thead><tr>{% for c in t.frame.columns %}<th>{{ c }}</th>{% endfor %}</tr></thead><tbody>
 {% for row in t.frame.itertuples(index=False) %}<tr>{% for v in row %}<td>{{ v }}</td>{% endfor %}</tr>
 {% endfor %}</tbody></table>
 {% if t.notes %}<p class='meta'>{{ t.notes }}</p>
 {% endif %}""")
 
 
-def ci_cell(mean: float, low: float = math.nan, high: float = math.nan) -> str:
-    """``0.123 [0.100, 0.150]``, ``0.123`` without a finite interval, ``–`` without a finite mean."""
-    if mean is None or not math.isfinite(mean):
+def ci_cell(mean: float, low: float = math.nan, high: float = math.nan, n: Optional[int] = None) -> str:
+    """One table cell: ``0.123 [0.100, 0.150]``; ``0.123`` without a finite interval; ``–`` without a
+    finite mean or with ``n = 0``; ``0.123 (n = 1)`` for a single value, whose bootstrap "interval"
+    ``[v, v]`` says nothing about its uncertainty. ``n``: the values behind the mean, when known."""
+    if (n is not None and int(n) <= 0) or mean is None or not math.isfinite(mean):
         return "–"
     s = f"{mean:.3f}"
+    if n is not None and int(n) == 1:
+        return s + " (n = 1)"
     if low is not None and math.isfinite(low):
         s += f" [{low:.3f}, {high:.3f}]"
     return s
@@ -48,8 +52,9 @@ def _md_cell(v: Any) -> str:
 class Table:
     """One summary table: ``name`` (file stem under ``tables/``), ``title``, the ``protocol``
     paragraph behind its numbers, the display ``frame``, the numbers ``data``, ``meta`` (extra
-    keys of the JSON and leading columns of the CSV, e.g. subset and ground truth) and ``notes``
-    (one line under the table)."""
+    keys of the JSON and leading columns of the CSV, e.g. subset and ground truth), ``notes``
+    (one line under the table) and ``html_class`` (the HTML table's class: ``t`` for a results
+    table, ``kv`` for a two-column item / value list)."""
 
     name: str
     title: str
@@ -58,6 +63,7 @@ class Table:
     protocol: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
     notes: str = ""
+    html_class: str = "t"
 
     def to_markdown(self) -> str:
         """``### title``, the protocol paragraph, the pipe table of ``frame``, the notes."""
@@ -74,7 +80,8 @@ class Table:
         return "\n".join(lines) + "\n"
 
     def to_html(self) -> str:
-        """The same title, protocol, table and notes as HTML (``<table class='t'>``, text escaped)."""
+        """The same title, protocol, table and notes as HTML (``<table class='t'>`` or :attr:`html_class`,
+        text escaped)."""
         return _HTML.render(t=self)
 
     def csv_frame(self) -> pd.DataFrame:

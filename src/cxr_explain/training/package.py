@@ -19,6 +19,7 @@ import torch
 from ..metrics.classification import auroc_per_class
 from ..models.checkpoints import load_checkpoint, save_checkpoint
 from ..models.default import CARD_NAME, DEFAULT_ASSET, reference_inputs
+from ..models.provenance import strip_machine_paths
 from .auroc import checkpoint_identity
 from .data import load_split
 from .predict import evaluate_auroc
@@ -82,7 +83,8 @@ def _f(x: Any) -> str:
 
 
 def render_card(card: dict[str, Any], asset: Path) -> str:
-    """The model card (Markdown) from the stored numbers."""
+    """The model card (Markdown) from the stored numbers, without the training machine's paths."""
+    card = strip_machine_paths(card)
     labels = card["labels"]
     va, ta = card.get("val_auroc") or {}, card["test_auroc"]
     rows = "\n".join(

@@ -1,0 +1,108 @@
+"""The model's AUROC per finding on the films an evaluation scored (the report header's numbers).
+
+``results.csv`` holds one logit per (film, boxed finding): positives only, from which no AUROC
+can be computed honestly. :func:`evaluated_auroc` therefore runs one plain forward pass (no
+explanation) over the evaluated films, takes each film's labels from the dataset, and computes
+:func:`~cxr_explain.metrics.classification.auroc_per_class` with bootstrap CIs over films. It runs
+after :func:`~.runner.evaluate`, leaving the loop alone, and writes through
+:mod:`cxr_explain.results.auroc`. A rerun with the same films and weights reuses the files.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+
+from ..data.images import get_preprocessing
+from ..errors import CxrExplainError
+from ..metrics.classification import auroc_per_class
+from ..results.auroc import AUROC_NAME, auroc_settings, write_auroc
+from ..results.folder import ResultsFolder
+from ..runtime import resolve_device
+
+__all__ = ["evaluated_auroc", "forward_logits"]
+
+
+def _weights_digest(model: nn.Module) -> str:
+    h = hashlib.sha256()
+    for k, t in model.state_dict().items():
+        h.update(k.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def forward_logits(model: nn.Module, dataset: Any, indices: list[int], batch_size: int = 32,
+                   device: str = "cpu", workers: int = 0, progress: bool = False) -> np.ndarray:
+    """Logits (N, C) of ``model`` on the dataset's images ``indices`` (the spec's preprocessing)."""
+    spec = model.cxr_spec
+    pre = get_preprocessing(spec.preprocessing, spec.input_size)
+    dev = resolve_device(device)
+    dtype = next(model.parameters()).dtype
+    loader = DataLoader(Subset(dataset.with_preprocessing(pre), indices), batch_size=max(1, int(batch_size)),
+                        shuffle=False, num_workers=max(0, int(workers)))
+    bar = None
+    if progress:
+        from ..progress import progress_bar
+
+        bar = progress_bar(total=len(indices), unit="img", desc="AUROC forward")
+    model = model.eval().to(dev)
+    out = []
+    with torch.no_grad():
+        for x, _, _ in loader:
+            out.append(model(x.to(dev, dtype)).float().cpu().numpy())
+            if bar is not None:
+                bar.update(len(x))
+    if bar is not None:
+        bar.close()
+    return np.concatenate(out) if out else np.zeros((0, len(spec.labels)), dtype=np.float32)
+
+
+def evaluated_auroc(model: nn.Module, dataset: Any, out_dir: str | os.PathLike[str], *, batch_size: int = 32,
+                    device: str = "cpu", workers: int = 0, n_boot: int = 1000, seed: int = 0,
+                    progress: bool = False) -> Optional[Path]:
+    """AUROC per finding of ``model`` on the films of ``out_dir``'s ``results.csv`` (those of
+    ``dataset``), for the model outputs the dataset labels; writes ``auroc.csv``,
+    ``auroc_scores.csv`` and ``auroc.json`` and returns the first's path. None (nothing written)
+    when the dataset labels none of the model's findings. Labels: 1 present, 0 absent, NaN unknown
+    (left out of that finding)."""
+    folder = ResultsFolder(out_dir)
+    df = folder.require_results("score with AUROC")
+    spec = getattr(model, "cxr_spec", None)
+    if spec is None:
+        raise CxrExplainError(f"{type(model).__name__} has no .cxr_spec; load it with load_checkpoint")
+    findings = [f for f in spec.labels if f in tuple(dataset.findings)]
+    if not findings:
+        return None
+    ids, indices = [], []
+    for iid in dict.fromkeys(df["image_id"].astype(str)):
+        try:
+            indices.append(dataset.index_of(iid))
+        except CxrExplainError:  # a row from another dataset evaluated into the same folder
+            continue
+        ids.append(iid)
+    if not ids:
+        raise CxrExplainError(f"{folder.path}: none of the evaluated images is in the dataset given; "
+                              "pass the dataset the folder was evaluated on")
+    key = hashlib.sha256("\n".join(ids).encode()).hexdigest()
+    weights = _weights_digest(model)
+    cache = {"ids_sha256": key, "weights_sha256": weights, "preprocessing": spec.preprocessing,
+             "input_size": int(spec.input_size), "findings": findings, "n_boot": int(n_boot), "seed": int(seed)}
+    old = auroc_settings(folder)
+    if (folder.path / AUROC_NAME).is_file() and all(old.get(k) == v for k, v in cache.items()):
+        return folder.path / AUROC_NAME
+    logits = forward_logits(model, dataset, indices, batch_size, device, workers, progress)
+    cols = [list(spec.labels).index(f) for f in findings]
+    lab = [list(dataset.findings).index(f) for f in findings]
+    y = np.stack([np.asarray(dataset.samples[i].labels, dtype=np.float64)[lab] for i in indices])
+    s = logits[:, cols].astype(np.float64)
+    table = auroc_per_class(y, s, findings, n_boot=n_boot, seed=seed)
+    scores = pd.DataFrame({"image_id": np.repeat(ids, len(findings)), "finding": findings * len(ids),
+                           "label": y.ravel(), "logit": s.ravel()})
+    return write_auroc(folder.path, table, scores, {**cache, "images": len(ids)})
