@@ -17,8 +17,8 @@ and prints their ratio (pipeline time / explanations time). Both use ``--threads
 Without ``--checkpoint`` the model is a ``--arch`` with random weights (seed 0) at ``--input-size``
 and the 14 NIH labels, saved once into the cache folder (random weights are fine for timing).
 
-    python benchmarks/bench_evaluate.py --cache /tmp/bench_eval --n 48
-    python benchmarks/bench_evaluate.py --cache /tmp/bench_eval --n 300 --no-masks --repeats 2
+    python benchmarks/bench_evaluate.py --cache bench_eval_cache --n 48
+    python benchmarks/bench_evaluate.py --cache bench_eval_cache --n 300 --no-masks --repeats 2
 
 Load matters on a shared machine: the script prints the load average before and after; run it
 without ``nice`` and repeat.
