@@ -33,8 +33,12 @@ from nets import build, realistic  # noqa: E402  (the test suite's model builder
 from cxr_explain.attribution import explain  # noqa: E402
 from cxr_explain.errors import CxrExplainError  # noqa: E402
 
-METHODS = ["lrp", "rap", "attnlrp", "gradient", "gradcam", "cam"]
-PROPAGATION = {"lrp", "rap", "attnlrp"}
+METHODS = ["lrp", "lrp flat", "rap", "attnlrp", "gradient", "gradcam", "cam"]
+PROPAGATION = {"lrp", "lrp flat", "rap", "attnlrp"}
+#: column -> (method, options): "lrp flat" is lrp with zero_denominators="flat" (docs/rules.md §9.6)
+CALLS = {"lrp flat": ("lrp", {"zero_denominators": "flat"})}
+#: the library's refusals, shortened for the table
+SHORT = {"needs a model with attention": "CNN: no attention", "global average pooling": "head is not GAP → Linear"}
 START, END = "<!-- coverage-table:start -->", "<!-- coverage-table:end -->"
 
 
@@ -114,20 +118,23 @@ ARCHS: dict[str, tuple[Callable[[], nn.Module], int, int, float]] = {
 }
 
 
-def cell(model: nn.Module, x: torch.Tensor, method: str, target: int) -> str:
+def cell(model: nn.Module, x: torch.Tensor, column: str, target: int) -> str:
+    method, options = CALLS.get(column, (column, {}))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            e = explain(model, x, method, target=target)
+            e = explain(model, x, method, target=target, **options)
     except CxrExplainError as exc:
-        first = str(exc).split(". ")[0].split(": ")[-1]
-        return "— " + (first[:60] + "…" if len(first) > 60 else first)
+        text = str(exc)
+        short = next((v for k, v in SHORT.items() if k in text), None)
+        first = text.split(". ")[0].split(": ")[-1]
+        return "— " + (short or (first[:50] + "…" if len(first) > 50 else first))
     if not bool(torch.isfinite(e.maps).all()) or float(e.maps.abs().sum()) == 0:
         return "✗ empty or non-finite map"
-    if method in PROPAGATION:
+    if column in PROPAGATION:
         logit = float(e.logits[0, target])
         return f"✓ {abs(float(e.maps.sum()) - logit) / max(abs(logit), 1e-12):.0e}"
-    if method in ("gradcam", "cam"):
+    if column in ("gradcam", "cam"):
         return f"✓ {e.feature_layout}"
     return "✓"
 
