@@ -7,6 +7,7 @@ modified weights after each test (the suite's peak was 20.7 GB when all of them 
 from __future__ import annotations
 
 import gc
+import os
 import sys
 from collections import OrderedDict
 from pathlib import Path
@@ -21,6 +22,9 @@ sys.path.insert(0, str(ROOT / "src"))  # this checkout's package, also from a gi
 from nets import build  # noqa: E402
 
 MAX_CACHED_MODELS = 1
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `pytest -n 2`: one torch thread per worker, no oversubscription
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

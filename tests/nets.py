@@ -7,6 +7,7 @@ float64, and a copy per modified-weight cache) test nothing the narrow head does
 VGG test the slowest of the suite. The authors' reference cases include such a "narrow VGG"."""
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn as nn
 import torchvision
@@ -50,7 +51,7 @@ def build(arch: str, num_classes: int = 6, size: int = 64, seed: int = 0) -> nn.
     if arch == "resnet-tiny":  # one bottleneck per stage
         model = ResNet(Bottleneck, [1, 1, 1, 1], num_classes=num_classes)
     elif arch.startswith("timm:"):
-        import timm
+        timm = pytest.importorskip("timm")  # optional; CI installs it
 
         model = timm.create_model(arch[5:], pretrained=False, num_classes=num_classes)
     else:

@@ -39,7 +39,7 @@ def tv_swin():
 
 
 def timm_vit():
-    import timm
+    timm = pytest.importorskip("timm")  # optional; CI installs it
 
     torch.manual_seed(0)
     return timm.create_model("vit_small_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
@@ -47,7 +47,7 @@ def timm_vit():
 
 
 def timm_swin():
-    import timm
+    timm = pytest.importorskip("timm")  # optional; CI installs it
 
     torch.manual_seed(0)
     return timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=56, depths=(2, 2),
@@ -421,7 +421,7 @@ def _lxt_vit_patches():
     import types
     from functools import partial
 
-    import lxt
+    lxt = pytest.importorskip("lxt")  # not a test extra: it pulls in transformers and bitsandbytes
 
     if "lxt.efficient" not in sys.modules:
         pkg = types.ModuleType("lxt.efficient")

@@ -2,11 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import textwrap
 import warnings
 from argparse import ArgumentParser
 from pathlib import Path
@@ -181,35 +176,6 @@ def test_split_filter(dataset, tmp_path):
     out = evaluate(tiny_model(), dataset, ("cam",), out_dir=tmp_path, split="test", progress=False)
     df = read_results(out / "results.csv")
     assert len(df) > 0 and (df["split"] == "test").all()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_torchrun_shards_and_merges(phantom, full_run, tmp_path):
-    script = tmp_path / "run.py"
-    script.write_text(textwrap.dedent(f"""
-        import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})
-        sys.path.insert(0, {str(Path(__file__).resolve().parents[1] / "src")!r})  # this checkout's package
-        from test_evaluation import tiny_model, METHODS
-        from cxr_explain.data.nih import NIHDataset
-        from cxr_explain.models.zoo import BENCHMARK_LABELS
-        from cxr_explain.evaluation import evaluate
-        ds = NIHDataset({str(phantom)!r}, boxed_only=True, findings=BENCHMARK_LABELS)
-        evaluate(tiny_model(), ds, METHODS, out_dir={str(tmp_path / 'dist')!r}, batch_size=4, progress=False)
-    """))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                        f"--master_port={_free_port()}", str(script)], capture_output=True, text=True, env=env,
-                       timeout=120)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert not list((tmp_path / "dist").glob("results.rank*.csv"))
-    got, want = _rows(tmp_path / "dist"), _rows(full_run)
-    pd.testing.assert_frame_equal(got[ROW_KEY + ["iou@0.3", "mass"]], want[ROW_KEY + ["iou@0.3", "mass"]],
-                                  check_exact=False, rtol=1e-5, atol=1e-6)
 
 
 def test_faithfulness_tables(dataset, tmp_path):

@@ -9,7 +9,6 @@ from typing import Callable, Optional
 
 import numpy as np
 import pytest
-import timm
 import torch
 import torch.nn as nn
 import torchvision
@@ -68,6 +67,7 @@ def tv(name: str, **kw) -> nn.Module:
 
 
 def tm(name: str, **kw) -> nn.Module:
+    timm = pytest.importorskip("timm")  # an optional package: CI installs it
     torch.manual_seed(0)
     return timm.create_model(name, pretrained=False, num_classes=4, **kw).eval()
 
