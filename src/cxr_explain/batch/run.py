@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from .. import api
-from ..errors import CxrExplainError, DataError, failure_reason
+from ..errors import CxrExplainError, failure_reason
 from .inputs import InputFile, collect_inputs
 from .record import (FAILURES_COLUMNS, FAILURES_FILE, MAPS_COLUMNS, MAPS_FILE, PREDICTIONS_COLUMNS,
                      PREDICTIONS_FILE, RECORD_FORMAT, CsvLog, check_record, read_record, read_rows, write_record)
@@ -182,30 +182,11 @@ def _resolve_targets(plan: _Plan, labels: Optional[list[str]], n: int) -> list[s
 
 
 def _probe(model, plan: _Plan, opts: ExplainOptions, channels: int, size: int) -> None:
-    """Run each method once on a random input, so that what cannot run on this model fails here,
-    once. The probe is 32 px (cheap: what fails is the model's structure, not its input size); a
-    failure there is confirmed at the run's own size before it is reported."""
-    import torch
+    """Each method once on a random input, so that what cannot run on this model fails here, once
+    (:func:`~cxr_explain.attribution.probe.probe_methods`)."""
+    from ..attribution.probe import probe_methods
 
-    from ..attribution import explain
-    from ..models.zoo import MIN_INPUT_SIZE
-
-    def attempt(method, side: int) -> None:
-        g = torch.Generator().manual_seed(0)
-        x = torch.randn(1, channels, side, side, generator=g).to(device=plan.device, dtype=plan.dtype)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            explain(model, x, method, target=plan.target, layer=opts.layer, check_conservation=False)
-
-    for method in plan.methods:
-        try:
-            attempt(method, min(size, MIN_INPUT_SIZE))
-        except CxrExplainError:
-            try:
-                attempt(method, size)
-            except CxrExplainError as exc:
-                msg = str(exc)
-                raise CxrExplainError(msg if msg.startswith(method.name) else f"{method.name}: {msg}") from None
+    probe_methods(model, plan.methods, channels, size, plan.device, plan.dtype, target=plan.target, layer=opts.layer)
 
 
 def _model_identity(model, opts: ExplainOptions) -> dict[str, Any]:
@@ -343,7 +324,6 @@ def _explain_image(run: _Run, inp: InputFile, model, pre, labels: list[str], mul
 def explain_batch(opts: ExplainOptions) -> BatchResult:
     """Run ``cxr-explain explain`` (module docstring); returns what was done. Option and settings
     problems raise :class:`CxrExplainError` before any image is read."""
-    import torch
 
     from ..attribution.explain import model_labels
     from ..data.images import get_preprocessing

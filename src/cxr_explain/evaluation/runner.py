@@ -173,30 +173,13 @@ def _identity_geometry(pre: Preprocessing, h: int, w: int) -> bool:
 
 
 def _probe(model: nn.Module, methods: Sequence[Method], channels: int, size: int, device: torch.device) -> None:
-    """Run each method once on a random input (first output), so that a method the model cannot
-    take (attention rules on a CNN, a CAM without a spatial map) stops the run here with one line,
-    rather than failing on every film. The probe is 32 px (what fails is the model's structure);
-    a failure there is confirmed at the model's input size before it is reported."""
-    from ..models.zoo import MIN_INPUT_SIZE
+    """Each method once on a random input (first output): a method the model cannot take
+    (attention rules on a CNN, a CAM without a spatial map) stops the run here with one line,
+    rather than failing on every film (:func:`~cxr_explain.attribution.probe.probe_methods`)."""
+    from ..attribution.probe import probe_methods
 
     dtype = next((p.dtype for p in model.parameters()), torch.float32)
-
-    def attempt(method: Method, side: int) -> None:
-        g = torch.Generator().manual_seed(0)
-        x = torch.randn(1, channels, side, side, generator=g).to(device=device, dtype=dtype)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            explain(model, x, method=method, target=[[0]], check_conservation=False)
-
-    for method in methods:
-        try:
-            attempt(method, min(size, MIN_INPUT_SIZE))
-        except CxrExplainError:
-            try:
-                attempt(method, size)
-            except CxrExplainError as exc:
-                msg = str(exc)
-                raise CxrExplainError(msg if msg.startswith(method.name) else f"{method.name}: {msg}") from None
+    probe_methods(model, methods, channels, size, device, dtype)
 
 
 class _Failures:
