@@ -9,6 +9,7 @@ import torch
 from ...errors import CxrExplainError
 from ..graph import LayerNode
 from .base import Rule, Tensor, merge_kb, sdiv, split_kb
+from .shape import unbroadcast
 
 
 class Pass(Rule):
@@ -117,10 +118,10 @@ class Proportional(Rule):
         kind = step.node.kind
         s = self._div(R, step.output)
         if kind == "add":
-            return [_unbroadcast(t * s, t.shape) for t in step.inputs]
+            return [unbroadcast(t * s, t.shape) for t in step.inputs]
         if kind == "sub":  # s = a − b: the contributions are a and −b
             a, b = step.inputs
-            return [_unbroadcast(a * s, a.shape), _unbroadcast(-b * s, b.shape)]
+            return [unbroadcast(a * s, a.shape), unbroadcast(-b * s, b.shape)]
         k = R.shape[0]
         x = step.x
         big = x.new_empty((k * x.shape[0], *x.shape[1:]))
@@ -137,15 +138,6 @@ class Proportional(Rule):
         return [x * split_kb(g, k)]
 
 
-def _unbroadcast(t: Tensor, shape: torch.Size) -> Tensor:
-    """Sum a (K, *broadcast_shape) relevance down to (K, *shape)."""
-    target = (t.shape[0], *shape)
-    if t.shape == target:
-        return t
-    while t.dim() > len(target):
-        t = t.sum(1)
-    dims = [i for i in range(1, t.dim()) if target[i] == 1 and t.shape[i] != 1]
-    return t.sum(dims, keepdim=True) if dims else t
 
 
 def _pair(v) -> list[int]:
