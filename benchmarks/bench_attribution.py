@@ -111,6 +111,9 @@ def runner(name: str, model: nn.Module, arch: str, x: torch.Tensor) -> Optional[
     if name == "lxt-cp-lrp":  # LXT's CP-LRP recipe for torchvision's ViT: gradient × input, patched modules
         if not arch.startswith("vit"):
             return None
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+        from peers import lxt_vit_patches  # the tests' copy of LXT's recipe
+
         patches = lxt_vit_patches()
         if patches is None:
             return None
@@ -130,29 +133,6 @@ def runner(name: str, model: nn.Module, arch: str, x: torch.Tensor) -> Optional[
                         delattr(cls, "original_forward")
         return lxt_run
     raise ValueError(name)
-
-
-def lxt_vit_patches():
-    """LXT's patches for torchvision's ViT (GELU, LayerNorm, MultiheadAttention), or None without lxt.
-    ``lxt.efficient`` is loaded without its package import (it pulls in Hugging Face patches)."""
-    import sys
-    import types
-    from functools import partial
-
-    try:
-        import lxt
-    except ImportError:
-        return None
-    if "lxt.efficient" not in sys.modules:
-        pkg = types.ModuleType("lxt.efficient")
-        pkg.__path__ = [os.path.join(os.path.dirname(lxt.__file__), "efficient")]
-        sys.modules["lxt.efficient"] = pkg
-    from lxt.efficient.patches import (cp_multi_head_attention_forward, layer_norm_forward, non_linear_forward,
-                                       patch_method)
-
-    return {nn.GELU: partial(patch_method, non_linear_forward, keep_original=True),
-            nn.LayerNorm: partial(patch_method, layer_norm_forward),
-            nn.MultiheadAttention: partial(patch_method, cp_multi_head_attention_forward, keep_original=True)}
 
 
 def time_it(fn: Callable[[], object], repeats: int) -> float:

@@ -9,6 +9,7 @@ import math
 
 import numpy as np
 import pytest
+from peers import lxt_vit_patches
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -414,25 +415,10 @@ def test_vit_attnlrp_equals_gradient_x_input_of_the_network_with_those_quantitie
 
 
 def _lxt_vit_patches():
-    """LXT's torchvision-ViT recipe (its ``cp_LRP`` map), loaded without ``lxt.efficient``'s package
-    import, which pulls in Hugging Face patches that fail with the installed ``transformers``."""
-    import os
-    import sys
-    import types
-    from functools import partial
-
-    lxt = pytest.importorskip("lxt")  # not a test extra: it pulls in transformers and bitsandbytes
-
-    if "lxt.efficient" not in sys.modules:
-        pkg = types.ModuleType("lxt.efficient")
-        pkg.__path__ = [os.path.join(os.path.dirname(lxt.__file__), "efficient")]
-        sys.modules["lxt.efficient"] = pkg
-    from lxt.efficient.patches import (cp_multi_head_attention_forward, layer_norm_forward, non_linear_forward,
-                                       patch_method)
-
-    return {nn.GELU: partial(patch_method, non_linear_forward, keep_original=True),
-            nn.LayerNorm: partial(patch_method, layer_norm_forward),
-            nn.MultiheadAttention: partial(patch_method, cp_multi_head_attention_forward, keep_original=True)}
+    patches = lxt_vit_patches()
+    if patches is None:
+        pytest.skip("lxt is not installed (not a test extra: it pulls in transformers and bitsandbytes)")
+    return patches
 
 
 def test_vit_cp_lrp_equals_lxt():

@@ -8,6 +8,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from dense import sdiv
 import torch.nn as nn
 import torch.nn.functional as F
 from nets import build, images
@@ -25,12 +26,6 @@ F64 = torch.float64
 # ------------------------------------------------------------------------------------------
 
 
-def sdiv(n, d):
-    n, d = np.broadcast_arrays(np.asarray(n, float), np.asarray(d, float))
-    out = np.zeros_like(n)
-    nz = d != 0
-    out[nz] = n[nz] / d[nz]
-    return out
 
 
 def dense(module: nn.Module, in_shape) -> np.ndarray:

@@ -8,11 +8,10 @@ import math
 import numpy as np
 import pytest
 import torch
+from dense import sdiv
 import torch.nn as nn
-import torch.nn.functional as F
 
 from cxr_explain.attribution import rules as R
-from cxr_explain.attribution import decompose as D
 from cxr_explain.attribution.graph import ForwardRecord, LayerNode
 from cxr_explain.attribution.rules import attention as AR
 
@@ -24,12 +23,6 @@ def rng():
     return np.random.default_rng(0)
 
 
-def sdiv(n, d):
-    n, d = np.broadcast_arrays(np.asarray(n, float), np.asarray(d, float))
-    out = np.zeros_like(n)
-    nz = d != 0
-    out[nz] = n[nz] / d[nz]
-    return out
 
 
 # ------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from dense import sdiv
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -21,12 +22,6 @@ F64 = torch.float64
 # ------------------------------------------------------------------------------------------
 
 
-def sdiv(n, d):
-    n, d = np.broadcast_arrays(np.asarray(n, float), np.asarray(d, float))
-    out = np.zeros_like(n)
-    nz = d != 0
-    out[nz] = n[nz] / d[nz]
-    return out
 
 
 def conv_dense(conv: nn.Module, in_shape, weight=None) -> np.ndarray:
