@@ -55,3 +55,11 @@ def test_no_machine_paths_in_shipped_text_files():
            for i, line in enumerate(p.read_text(encoding="utf-8", errors="replace").splitlines(), 1)
            if MACHINE_PATH.search(line) and p.name != "test_provenance.py"]
     assert bad == []
+
+
+def test_the_shipped_checkpoint_file_holds_no_machine_path():
+    """Not only its loaded provenance: the bytes a user downloads (pickled strings included)."""
+    from cxr_explain.models.default import DEFAULT_ASSET
+
+    data = (ROOT / "src" / "cxr_explain" / "assets" / DEFAULT_ASSET).read_bytes()
+    assert not re.search(rb"/(work|home|root|tmp|Users)/[A-Za-z_]", data)

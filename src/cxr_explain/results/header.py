@@ -61,7 +61,7 @@ def model_text(model: dict[str, Any]) -> str:
 
 
 def checkpoint_text(about: dict[str, Any], model: dict[str, Any]) -> str:
-    """``default_densenet121.pt (shipped with cxr-explain); SHA-256 4e55eabf3819…``, from the run's
+    """``default_densenet121.pt (shipped with cxr-explain); SHA-256 8f9e6240443a…``, from the run's
     description, else the model's provenance; says so when no file is known."""
     ck = dict(about.get("checkpoint") or {})
     prov = dict(model.get("provenance") or {})
