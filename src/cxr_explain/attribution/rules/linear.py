@@ -324,6 +324,8 @@ class ZRule(Rule):
             if bool(zero.any()):
                 s = R * torch.reciprocal(z).masked_fill_(zero, 0)
                 dead = R * zero if self._falls_back(lm) else None
+                if dead is not None and not bool(dead.any()):  # the zero denominators got no relevance
+                    dead = None
             else:  # the usual case: a plain division, no mask
                 s = R / z
         elif self.stabilizer == "epsilon":
@@ -357,10 +359,17 @@ def _flat_fallback(step: Step, lm, x: Tensor, dead: Tensor) -> Tensor:
     inputs each output reads (docs/rules.md §9.6): over its non-zero inputs, ``R_i += [x_i ≠ 0] R_j /
     #{i: x_i ≠ 0}``, or where it reads none, over all of them, ``R_i += R_j / n_j``."""
     k = dead.shape[0]
-    active = (x != 0).to(x.dtype)
-    n_active = lm.apply(step, active, "ones")  # (B, *out): non-zero inputs read by each output
     n_all = lm.ones_of(step, "ones", x.shape[1:])
+    nonzero = x != 0
+    if bool(nonzero.all()):  # signed inputs (after SiLU, a norm): every input is active
+        back = lm.apply_t(step, merge_kb(dead * safe_inverse(n_all)), ["ones"], x.shape[1:])[0]
+        return split_kb(back, k)
+    active = nonzero.to(x.dtype)
+    n_active = lm.apply(step, active, "ones")  # (B, *out): non-zero inputs read by each output
     some = n_active > 0
+    if bool(some.all()):  # the usual case: every output reads a non-zero input
+        back = lm.apply_t(step, merge_kb(dead * safe_inverse(n_active)), ["ones"], x.shape[1:])[0]
+        return active * split_kb(back, k)
     s_active = dead * (some * safe_inverse(n_active))
     s_all = dead * (~some * safe_inverse(n_all))
     n = s_active.shape[0] * s_active.shape[1]
