@@ -1,7 +1,6 @@
 """The propagation engine with the reference LRP-α1β0: conservation, zennit agreement, batching."""
 from __future__ import annotations
 
-import warnings
 
 import pytest
 import torch
@@ -48,15 +47,6 @@ def _zennit_lrp(model: nn.Module, x: torch.Tensor, target: int) -> torch.Tensor:
     with Gradient(model, composite) as attributor:
         _, rel = attributor(x, lambda out: out * F.one_hot(torch.tensor([target]), out.shape[1]).to(out))
     return rel.sum(1)[0]
-
-
-@pytest.mark.parametrize("arch", ["vgg16", "resnet50"])
-def test_lrp_equals_zennit_matched_composite(models64, arch):
-    model = models64(arch)
-    x = images(1, 32, seed=3, dtype=F64)
-    ours = explain(model, x, "lrp", target=3).maps[0]
-    ref = _zennit_lrp(model, x, 3)
-    assert ((ours - ref).abs().max() / ref.abs().max()) < 1e-6
 
 
 def test_lrp_negative_logit_target_conserves(models64):
@@ -274,7 +264,9 @@ def _composite_refs(x):
     """Our composite -> zennit's matching rules (biases zeroed where ours exclude them)."""
     nb = ["bias"]
     zbox = ZBox(x.min(), x.max(), stabilizer=1e-13, zero_params=nb)
-    return {
+    return {  # lrp: the authors' LRP-α1β0 (hidden biases out, zᴮ with its bias first), docs/rules.md §6
+        "lrp": (AlphaBeta(1.0, 0.0, 1e-13, zero_params=nb), AlphaBeta(1.0, 0.0, 1e-13, zero_params=nb),
+                ZBox(x.min(), x.max(), stabilizer=1e-13)),
         "lrp-epsilon": (Epsilon(0.25), Epsilon(0.25), zbox),
         "lrp-epsilon-plus": (ZPlus(1e-13, zero_params=nb), Epsilon(0.25), zbox),
         "lrp-zplus-flat": (ZPlus(1e-13, zero_params=nb), ZPlus(1e-13, zero_params=nb), Flat(1e-13)),
