@@ -231,13 +231,7 @@ def iou_curves(results_dir: str | Path | ResultsFolder, out_path: str | Path, gt
         axes[k // nc][k % nc].axis("off")
     axes[0][0].legend(fontsize=7)
     fig.suptitle(f"IoU vs threshold — docs/evaluation.md §1, {subset}, ground truth {gt}", fontsize=10)
-    fig.tight_layout()
-    base = Path(out_path)
-    base.parent.mkdir(parents=True, exist_ok=True)
-    out = [base.with_suffix(".png"), base.with_suffix(".pdf")]
-    for p in out:
-        fig.savefig(p)
-    return out
+    return save_png_and_pdf(fig, out_path)
 
 
 def randomization_curves(results_dir: str | Path | ResultsFolder, out_path: str | Path) -> list[Path]:
@@ -265,13 +259,7 @@ def randomization_curves(results_dir: str | Path | ResultsFolder, out_path: str 
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     fig.suptitle("Cascading randomisation, output layer first (docs/evaluation.md §4)", fontsize=9)
-    fig.tight_layout()
-    base = Path(out_path)
-    base.parent.mkdir(parents=True, exist_ok=True)
-    out = [base.with_suffix(".png"), base.with_suffix(".pdf")]
-    for p in out:
-        fig.savefig(p)
-    return out
+    return save_png_and_pdf(fig, out_path)
 
 
 def make_figures(results_dir: str | Path | ResultsFolder, methods: Sequence[str] = ("cam", "lrp", "rap"), n: int = 4,
@@ -300,4 +288,15 @@ def make_figures(results_dir: str | Path | ResultsFolder, methods: Sequence[str]
             out[f"fig3_{how}"] = methods_grid(folder, fd / f"fig3_{how}", have, n, how, gt=gt, seed=seed, df=df)
         pair = [m for m in ("lrp", "rap") if m in set(df["method"])] or have[:2]
         out["fig56_tuples"] = tuples_figure(folder, fd / "fig56_tuples", pair, n, gt=gt, seed=seed, df=df)
+    return out
+
+
+def save_png_and_pdf(fig, out_path) -> list[Path]:
+    """Lay ``fig`` out and save it as ``out_path`` with .png and .pdf suffixes; returns both paths."""
+    fig.tight_layout()
+    base = Path(out_path)
+    base.parent.mkdir(parents=True, exist_ok=True)
+    out = [base.with_suffix(".png"), base.with_suffix(".pdf")]
+    for p in out:
+        fig.savefig(p)
     return out
