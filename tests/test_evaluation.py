@@ -114,6 +114,22 @@ def test_rerun_appends_nothing(full_run, dataset):
     assert (full_run / "results.csv").read_bytes() == before
 
 
+def test_scoring_threads_write_the_same_rows(full_run, dataset, tmp_path, monkeypatch):
+    """Films of a batch scored in two threads (what two torch threads give): the same rows, in the
+    same order, as the serial run (whose results.csv ``full_run`` holds). The engine keeps one
+    thread so that only the scoring differs."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import cxr_explain.evaluation.runner as runner
+
+    pools = []
+    monkeypatch.setattr(runner, "_scoring_pool", lambda n: pools.append(ThreadPoolExecutor(2)) or pools[-1])
+    evaluate(tiny_model(), dataset, METHODS, out_dir=tmp_path, batch_size=4, progress=False, save_maps=False)
+    assert pools and pools[0]._shutdown
+    got, want = read_results(tmp_path / "results.csv"), read_results(full_run / "results.csv")
+    pd.testing.assert_frame_equal(got.drop(columns=["map_file"]), want.drop(columns=["map_file"]))
+
+
 def test_interrupted_run_resumes_to_the_same_rows(full_run, dataset, tmp_path):
     out = tmp_path / "cut"
     evaluate(tiny_model(), dataset, METHODS, out_dir=out, batch_size=4, progress=False, stop_after_batches=2)

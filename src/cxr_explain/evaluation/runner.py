@@ -20,6 +20,7 @@ import os
 import sys
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -170,6 +171,14 @@ def _dataset_info(dataset: Any) -> dict:
 def _identity_geometry(pre: Preprocessing, h: int, w: int) -> bool:
     g = pre.geometry(h, w)
     return g.x0 == 0 and g.y0 == 0 and g.crop_w == w and g.crop_h == h
+
+
+def _scoring_pool(batch_size: int) -> Optional[ThreadPoolExecutor]:
+    """Threads that resize, sort and score the films of a batch side by side (numpy's sort, torch's
+    resize and zlib release the GIL), one per torch thread (``--threads``): scoring then takes
+    about 1 / threads of its serial time. None when there is one thread or one film a batch."""
+    n = min(torch.get_num_threads(), os.cpu_count() or 1, batch_size)
+    return ThreadPoolExecutor(max_workers=n, thread_name_prefix="cxr-score") if n > 1 else None
 
 
 def _probe(model: nn.Module, methods: Sequence[Method], channels: int, size: int, device: torch.device) -> None:
@@ -331,7 +340,8 @@ def evaluate(
                            desc="evaluate" + (f" rank {rank}" if world > 1 else ""))
     ctx = {"labels": labels, "pre": pre, "thresholds": thresholds, "resize": resize, "multilabel": info["multilabel"],
            "empty_region": empty_region, "scaling": scaling, "splits": splits, "out": out, "save_maps": save_maps,
-           "use_masks": use_masks, "versus": versus_index, "timer": tm, "dtype": dtype}
+           "use_masks": use_masks, "versus": versus_index, "timer": tm, "dtype": dtype,
+           "pool": _scoring_pool(batch_size)}
     if tm.enabled:
         tm.add("start-up", time.perf_counter() - t_start)
     try:
@@ -363,6 +373,8 @@ def evaluate(
                 bar.update(len(batch))
     finally:
         writer.close()
+        if ctx["pool"] is not None:
+            ctx["pool"].shutdown()
         if bar:
             bar.close()
     t_end = time.perf_counter() if tm.enabled else 0.0
@@ -431,11 +443,19 @@ def _score_items(model: nn.Module, configured: Method, items: list[dict], gts: d
     logits = exp.logits.detach().cpu().to(fdt)
     cons = exp.conservation_error.detach().cpu().double() if exp.conservation_error is not None else None
     probs = torch.sigmoid(logits) if ctx["multilabel"] else torch.softmax(logits, dim=1)
-    for b, it in enumerate(items):
+
+    def rows_of(b: int) -> tuple[Optional[list[dict]], Optional[Exception]]:
+        it = items[b]
         classes = [find_label(f, ctx["labels"]) for f in findings_of(gts[it["index"]])]
         try:
-            rows = _image_rows(it, method, b, maps, raw, logits, probs, classes, gts[it["index"]], ctx, cons)
+            return _image_rows(it, method, b, maps, raw, logits, probs, classes, gts[it["index"]], ctx, cons), None
         except (CxrExplainError, OSError) as exc:
+            return None, exc
+
+    pool: Optional[ThreadPoolExecutor] = ctx.get("pool")
+    scored = pool.map(rows_of, range(len(items))) if pool is not None and len(items) > 1 else map(rows_of, range(len(items)))
+    for it, (rows, exc) in zip(items, scored):  # in film order, whatever thread finished first
+        if exc is not None:
             path = it["sample"].path
             fail(str(path), "score", f"{method}: {failure_reason(exc, path)}")
             continue

@@ -7,6 +7,7 @@ whose stages are one shared no-op context manager (no clock is read).
 """
 from __future__ import annotations
 
+import threading
 import time
 from contextlib import contextmanager, nullcontext
 from typing import Iterator
@@ -20,11 +21,14 @@ class StageTimer:
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
         self.calls: dict[str, int] = {}
+        self._lock = threading.Lock()  # scoring threads add to the same stages
 
     def add(self, stage: str, seconds: float, calls: int = 1) -> None:
-        """Add ``seconds`` (measured elsewhere, e.g. in a DataLoader worker) to ``stage``."""
-        self.seconds[stage] = self.seconds.get(stage, 0.0) + float(seconds)
-        self.calls[stage] = self.calls.get(stage, 0) + int(calls)
+        """Add ``seconds`` (measured elsewhere, e.g. in a DataLoader worker or a scoring thread) to
+        ``stage``; stages timed in parallel threads add up to more than the wall time they took."""
+        with self._lock:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + float(seconds)
+            self.calls[stage] = self.calls.get(stage, 0) + int(calls)
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
