@@ -215,7 +215,7 @@ def test_torchrun_two_ranks_give_one_process_rows(bench, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("### Table 2 —") == 1  # rank 0 only
     two = tmp_path / "two"
-    assert not list(two.glob("results.rank*.csv")) and not list(two.glob("**/*.tmp"))
+    assert not list(two.glob("*.rank*.csv")) and not list(two.glob("**/*.tmp"))
     assert (two / "tables" / "chexlocalize.md").is_file() and (two / "tables" / "table2_all_box.md").is_file()
     assert main([*args, "--out", str(tmp_path / "one")]) == 0
     got, want = (read_results(p / "results.csv").sort_values(ROW_KEY).reset_index(drop=True)
@@ -225,6 +225,10 @@ def test_torchrun_two_ranks_give_one_process_rows(bench, tmp_path):
     assert len(records[0]) == len(records[1]) and not records[0].duplicated(ROW_KEY).any()  # one writer
     pd.testing.assert_frame_equal(got.drop(columns=["map_file"]), want.drop(columns=["map_file"]),
                                   check_exact=False, rtol=1e-9, atol=1e-12)
+    # every film's outputs logged once (the ranks' logs merged), as one process logs them
+    logits = [pd.read_csv(p / "logits.csv").sort_values("image_id").reset_index(drop=True) for p in (two, tmp_path / "one")]
+    assert len(logits[0]) == got["image_id"].nunique()
+    pd.testing.assert_frame_equal(logits[0], logits[1], check_exact=False, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("bad, says", [(["--methods", "lrpp"], "lrpp"), (["--thresholds", "1.5"], "[0, 1)"),

@@ -105,3 +105,36 @@ def test_table_cells_with_one_positive_or_none(tmp_path):
     assert rows.loc["C", "AUROC [95% CI]"] == "0.600 [0.400, 0.800]"
     assert rows.loc["C", "note"] == "CI over the 197 resamples with both classes"
     assert rows.loc["mean (2 findings)", "AUROC [95% CI]"] == "0.675"
+
+
+def test_evaluate_logs_every_output_and_auroc_reads_them(evaluated, tmp_path, monkeypatch):
+    """evaluate logs each film's outputs from its own forward pass (logits.csv); the AUROC step
+    reads them and runs the model only on films the log lacks."""
+    import shutil
+
+    from cxr_explain.models.checkpoints import weights_sha256
+    from cxr_explain.results.logits import LOGITS_NAME, read_logits
+
+    model, ds, out = evaluated
+    ids = list(dict.fromkeys(read_results(out / "results.csv")["image_id"]))
+    logged = read_logits(out, BENCHMARK_LABELS, weights_sha256(model))
+    assert sorted(logged) == sorted(ids)
+    pre = get_preprocessing("gray", 64)
+    with torch.no_grad():
+        z = model(torch.stack([pre(ds.read_image(ds.index_of(i)))[0] for i in ids])).double().numpy()
+    np.testing.assert_allclose(np.stack([logged[i] for i in ids]), z, rtol=1e-5, atol=1e-6)
+
+    folder = tmp_path / "copy"
+    shutil.copytree(out, folder)
+    for f in ("auroc.csv", "auroc.json", "auroc_scores.csv"):
+        (folder / f).unlink(missing_ok=True)
+    lines = (folder / LOGITS_NAME).read_text().splitlines(keepends=True)
+    dropped = lines.pop(1).split(",")[0]  # one film's row lost: only that film is run again
+    (folder / LOGITS_NAME).write_text("".join(lines))
+    calls = []
+    real = auroc_mod.forward_logits
+    monkeypatch.setattr(auroc_mod, "forward_logits", lambda m, d, idx, *a, **k: calls.append(idx) or real(m, d, idx, *a, **k))
+    evaluated_auroc(model, ds, folder, n_boot=200)
+    assert calls == [[ds.index_of(dropped)]]
+    evaluated_auroc(model, ds, out, n_boot=200)
+    pd.testing.assert_frame_equal(read_auroc(folder), read_auroc(out), rtol=1e-6)

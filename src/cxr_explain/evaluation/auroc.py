@@ -1,8 +1,11 @@
 """The model's AUROC per finding on the films an evaluation scored (the report header's numbers).
 
 ``results.csv`` holds one logit per (film, boxed finding): positives only, from which no AUROC
-can be computed honestly. :func:`evaluated_auroc` therefore runs one plain forward pass (no
-explanation) over the evaluated films, takes each film's labels from the dataset, and computes
+can be computed honestly. :func:`evaluated_auroc` therefore takes every output of each evaluated
+film from ``logits.csv``, which ``evaluate`` logs from its own forward passes
+(:mod:`cxr_explain.results.logits`; only rows with these weights' digest count), runs one plain
+forward pass over the films it lacks (a folder written by an older version), takes each film's
+labels from the dataset, and computes
 :func:`~cxr_explain.metrics.classification.auroc_per_class` with bootstrap CIs over films. It runs
 after :func:`~.runner.evaluate`, leaving the loop alone, and writes through
 :mod:`cxr_explain.results.auroc`. A rerun with the same films and weights reuses the files.
@@ -23,19 +26,13 @@ from torch.utils.data import DataLoader, Subset
 from ..data.images import get_preprocessing
 from ..errors import CxrExplainError
 from ..metrics.classification import auroc_per_class
+from ..models.checkpoints import weights_sha256
 from ..results.auroc import AUROC_NAME, auroc_settings, write_auroc
 from ..results.folder import ResultsFolder
+from ..results.logits import read_logits
 from ..runtime import resolve_device
 
 __all__ = ["evaluated_auroc", "forward_logits"]
-
-
-def _weights_digest(model: nn.Module) -> str:
-    h = hashlib.sha256()
-    for k, t in model.state_dict().items():
-        h.update(k.encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 def forward_logits(model: nn.Module, dataset: Any, indices: list[int], batch_size: int = 32,
@@ -91,13 +88,21 @@ def evaluated_auroc(model: nn.Module, dataset: Any, out_dir: str | os.PathLike[s
         raise CxrExplainError(f"{folder.path}: none of the evaluated images is in the dataset given; "
                               "pass the dataset the folder was evaluated on")
     key = hashlib.sha256("\n".join(ids).encode()).hexdigest()
-    weights = _weights_digest(model)
+    weights = weights_sha256(model)
     cache = {"ids_sha256": key, "weights_sha256": weights, "preprocessing": spec.preprocessing,
              "input_size": int(spec.input_size), "findings": findings, "n_boot": int(n_boot), "seed": int(seed)}
     old = auroc_settings(folder)
     if (folder.path / AUROC_NAME).is_file() and all(old.get(k) == v for k, v in cache.items()):
         return folder.path / AUROC_NAME
-    logits = forward_logits(model, dataset, indices, batch_size, device, workers, progress)
+    logged = read_logits(folder.path, spec.labels, weights)  # what evaluate's own forward passes gave
+    missing = [k for k, iid in enumerate(ids) if iid not in logged]
+    logits = np.zeros((len(ids), len(spec.labels)), dtype=np.float64)
+    if missing:
+        logits[missing] = forward_logits(model, dataset, [indices[k] for k in missing], batch_size, device,
+                                         workers, progress)
+    for k, iid in enumerate(ids):
+        if iid in logged:
+            logits[k] = logged[iid]
     cols = [list(spec.labels).index(f) for f in findings]
     lab = [list(dataset.findings).index(f) for f in findings]
     y = np.stack([np.asarray(dataset.samples[i].labels, dtype=np.float64)[lab] for i in indices])

@@ -37,11 +37,13 @@ from ..data.images import Preprocessing, get_preprocessing
 from ..data.labels import find_label, label_index
 from ..data.types import Box, Sample
 from ..errors import CxrExplainError, failure_reason
+from ..models.checkpoints import weights_sha256
 from ..metrics.localization import EMPTY_REGION_MODES, PAPER_THRESHOLDS, RESIZE_MODES, MapScorer, normalize_map
 from ..runtime import init_distributed, resolve_device
 from ..results.maps import map_file as map_file_of
 from ..results.maps import save_maps as write_maps
 from ..results.csvlog import FAILURES_COLUMNS, FAILURES_FILE, CsvLog, merge_logs
+from ..results.logits import LOGITS_NAME, LogitsLog, merge_rank_logits
 from ..results.run import record_run
 from ..results.schema import RESULTS_NAME, results_columns
 from ..results.store import ResultsWriter, complete_pairs, merge_results, read_results
@@ -324,6 +326,8 @@ def evaluate(
 
     model = model.to(device=dev, dtype=torch.float64 if dtype == "float64" else torch.float32)
     model.eval()
+    logits_log = LogitsLog(out / (LOGITS_NAME if world == 1 else f"logits.rank{rank}.csv"), labels,
+                           weights_sha256(model))
     if todo:
         _probe(model, [configured[m] for m in methods], pre.channels, info["input_size"], dev)
     plan = batch_plan(todo, gts, batch_size)
@@ -341,7 +345,7 @@ def evaluate(
     ctx = {"labels": labels, "pre": pre, "thresholds": thresholds, "resize": resize, "multilabel": info["multilabel"],
            "empty_region": empty_region, "scaling": scaling, "splits": splits, "out": out, "save_maps": save_maps,
            "use_masks": use_masks, "versus": versus_index, "timer": tm, "dtype": dtype,
-           "pool": _scoring_pool(batch_size)}
+           "pool": _scoring_pool(batch_size), "logits": logits_log, "logged": set()}
     if tm.enabled:
         tm.add("start-up", time.perf_counter() - t_start)
     try:
@@ -382,6 +386,7 @@ def evaluate(
     if world > 1 and rank == 0:
         merge_results(main_path, [out / f"results.rank{r}.csv" for r in range(world)], columns)
         merge_logs(out / FAILURES_FILE, [out / f"failures.rank{r}.csv" for r in range(world)], FAILURES_COLUMNS)
+        merge_rank_logits(out, world, labels)
     d.barrier()
     if rank == 0 and stop_after_batches is None and faithfulness:
         from .faithfulness import run_faithfulness
@@ -443,6 +448,7 @@ def _score_items(model: nn.Module, configured: Method, items: list[dict], gts: d
     logits = exp.logits.detach().cpu().to(fdt)
     cons = exp.conservation_error.detach().cpu().double() if exp.conservation_error is not None else None
     probs = torch.sigmoid(logits) if ctx["multilabel"] else torch.softmax(logits, dim=1)
+    _log_logits(items, logits, ctx)
 
     def rows_of(b: int) -> tuple[Optional[list[dict]], Optional[Exception]]:
         it = items[b]
@@ -460,6 +466,19 @@ def _score_items(model: nn.Module, configured: Method, items: list[dict], gts: d
             fail(str(path), "score", f"{method}: {failure_reason(exc, path)}")
             continue
         yield rows
+
+
+def _log_logits(items: list[dict], logits: torch.Tensor, ctx: dict) -> None:
+    """Every output of the films not yet logged this run, into ``logits.csv`` (the AUROC step
+    reads them instead of a second forward pass over the films)."""
+    log, logged = ctx.get("logits"), ctx.get("logged")
+    if log is None:
+        return
+    new = [b for b, it in enumerate(items) if it["sample"].image_id not in logged]
+    if new:
+        with ctx["timer"].stage("rows"):
+            log.append([items[b]["sample"].image_id for b in new], logits[new].double().numpy())
+        logged.update(items[b]["sample"].image_id for b in new)
 
 
 def _normalized(src: torch.Tensor, H: int, W: int, ctx: dict) -> np.ndarray:

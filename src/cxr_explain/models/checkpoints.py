@@ -414,6 +414,16 @@ def _strict_load(model: nn.Module, sd: dict[str, Any], report: LoadReport, hint:
     report.n_keys = len(sd)
 
 
+def weights_sha256(model: nn.Module) -> str:
+    """The SHA-256 of a model's state (each key, then its tensor's bytes, in ``state_dict`` order):
+    the same weights in the same dtype give the same digest, wherever they were loaded from."""
+    h = hashlib.sha256()
+    for k, t in model.state_dict().items():
+        h.update(k.encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())  # any dtype
+    return h.hexdigest()
+
+
 def file_sha256(path: str | os.PathLike[str]) -> str:
     """The SHA-256 of a file's bytes as 64 hex digits (``hashlib.file_digest``, read in chunks)."""
     with open(path, "rb") as f:

@@ -1,8 +1,8 @@
 """The model's AUROC on the films of an evaluation folder: its files and its table.
 
-:func:`cxr_explain.evaluation.auroc.evaluated_auroc` scores the evaluated films once more (a plain
-forward pass: ``results.csv`` only holds the logits of the findings each film is boxed for, i.e.
-positives, which cannot give an AUROC) and writes, through :func:`write_auroc`:
+:func:`cxr_explain.evaluation.auroc.evaluated_auroc` scores the evaluated films from every
+output ``evaluate`` logged for them (``logits.csv``: ``results.csv`` only holds the logits of the
+findings each film is boxed for, i.e. positives, which cannot give an AUROC) and writes, through :func:`write_auroc`:
 
 * ``auroc.csv``: one row per finding: auroc, ci_low, ci_high, n_pos, n_neg, note
   (:func:`cxr_explain.metrics.classification.auroc_per_class`);
