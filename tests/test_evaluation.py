@@ -315,3 +315,31 @@ def test_a_method_the_model_cannot_take_stops_before_any_film(dataset, tmp_path)
     assert "\n" not in str(err.value)
     assert len(read_results(tmp_path / "results.csv")) == 0
     assert not pd.read_csv(tmp_path / "failures.csv").shape[0]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_film_that_cannot_be_scored_fails_alone(dataset, full_run, tmp_path, monkeypatch, threads):
+    """A film whose rows cannot be made (here: scoring raises for it) is one failure of stage
+    score; the films scored around it, in the background threads or not, keep their rows."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from cxr_explain.evaluation import runner
+
+    bad = dataset.samples[sorted(runner.select_images(dataset, list(BENCHMARK_LABELS)))[2]]
+    real_rows = runner._image_rows
+
+    def rows(it, *a, **k):
+        if it["sample"].image_id == bad.image_id:
+            raise CxrExplainError(f"{bad.image_id}: the mask is 3x3 but the image is 64x64")
+        return real_rows(it, *a, **k)
+
+    monkeypatch.setattr(runner, "_image_rows", rows)
+    monkeypatch.setattr(runner, "_scoring_pool", lambda n: ThreadPoolExecutor(threads) if threads > 1 else None)
+    evaluate(tiny_model(), dataset, METHODS, out_dir=tmp_path, batch_size=4, progress=False, save_maps=False)
+    failures = pd.read_csv(tmp_path / "failures.csv")
+    assert set(failures["stage"]) == {"score"} and set(failures["file"]) == {str(bad.path)}
+    assert sorted(r.split(":")[0] for r in failures["reason"]) == sorted(METHODS)
+    got = read_results(tmp_path / "results.csv")
+    want = read_results(full_run / "results.csv")
+    want = want[want["image_id"] != bad.image_id].reset_index(drop=True)
+    pd.testing.assert_frame_equal(got.drop(columns=["map_file"]), want.drop(columns=["map_file"]))

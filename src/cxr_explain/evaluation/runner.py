@@ -20,7 +20,8 @@ import os
 import sys
 import time
 import warnings
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -346,6 +347,8 @@ def evaluate(
            "empty_region": empty_region, "scaling": scaling, "splits": splits, "out": out, "save_maps": save_maps,
            "use_masks": use_masks, "versus": versus_index, "timer": tm, "dtype": dtype,
            "pool": _scoring_pool(batch_size), "logits": logits_log, "logged": set()}
+    pending = _PendingRows(writer, fail, tm)
+    in_flight = 2 * batch_size * len(methods)  # films x methods scoring behind the engine: about two batches
     if tm.enabled:
         tm.add("start-up", time.perf_counter() - t_start)
     try:
@@ -368,17 +371,19 @@ def evaluate(
             for m in methods:
                 items = [it for it in readable if (ids[it["index"]], m) not in writer.done]
                 if items:
-                    for rows in _score_items(model, configured[m], items, gts, ctx, fail):
-                        with tm.stage("rows"):
-                            writer.write_group(rows)
+                    for it, scored in _score_items(model, configured[m], items, gts, ctx, fail):
+                        pending.put(it, m, scored)
+                    pending.write(keep=in_flight)  # what the threads finished; the rest scores on
             with tm.stage("rows"):
                 writer.flush()
             if bar:
                 bar.update(len(batch))
+        pending.write(keep=0)
     finally:
+        pending.write(keep=0, quiet=True)  # rows already scored are kept even when the run stops
         writer.close()
         if ctx["pool"] is not None:
-            ctx["pool"].shutdown()
+            ctx["pool"].shutdown(cancel_futures=True)
         if bar:
             bar.close()
     t_end = time.perf_counter() if tm.enabled else 0.0
@@ -427,10 +432,46 @@ def _explain_items(model: nn.Module, configured: Method, items: list[dict], gts:
         return explain(model, x, method=configured, target=targets)
 
 
+def _done(value: Any) -> Future:
+    f: Future = Future()
+    f.set_result(value)
+    return f
+
+
+class _PendingRows:
+    """Films being scored by the pool's threads while the engine explains the next method or
+    batch; their rows are written in the order the films were explained, a film whose rows could
+    not be made fails at stage ``score``. ``write(keep=k)`` writes every finished film at the head
+    of the queue and waits for the oldest while more than ``k`` are pending."""
+
+    def __init__(self, writer: ResultsWriter, fail, timer: StageTimer | Any):
+        self.queue: deque[tuple[dict, str, Future]] = deque()
+        self.writer, self.fail, self.timer = writer, fail, timer
+
+    def put(self, item: dict, method: str, scored: Future) -> None:
+        self.queue.append((item, method, scored))
+
+    def write(self, keep: int, quiet: bool = False) -> None:
+        """``quiet``: after an error, write what is finished and report nothing more."""
+        while self.queue and (len(self.queue) > keep or self.queue[0][2].done()):
+            if quiet and not self.queue[0][2].done():
+                return
+            it, method, scored = self.queue.popleft()
+            rows, exc = scored.result()
+            if exc is not None:
+                if not quiet:
+                    path = it["sample"].path
+                    self.fail(str(path), "score", f"{method}: {failure_reason(exc, path)}")
+                continue
+            with self.timer.stage("rows"):
+                self.writer.write_group(rows)
+
+
 def _score_items(model: nn.Module, configured: Method, items: list[dict], gts: dict, ctx: dict, fail):
-    """Explain ``items`` with ``configured`` and yield, per image, the list of its result rows. A
-    batch the method refuses is explained film by film, so that only the film at fault fails
-    (stage ``explain``); a film whose rows cannot be made fails at stage ``score``."""
+    """Explain ``items`` with ``configured`` and yield, per image, ``(item, future rows)``: the
+    scoring runs in the pool's threads (at once without a pool), so the engine goes on with the
+    next method while the maps are resized and scored. A batch the method refuses is explained
+    film by film, so that only the film at fault fails (stage ``explain``)."""
     method = configured.name
     try:
         exp = _explain_items(model, configured, items, gts, ctx)
@@ -459,13 +500,8 @@ def _score_items(model: nn.Module, configured: Method, items: list[dict], gts: d
             return None, exc
 
     pool: Optional[ThreadPoolExecutor] = ctx.get("pool")
-    scored = pool.map(rows_of, range(len(items))) if pool is not None and len(items) > 1 else map(rows_of, range(len(items)))
-    for it, (rows, exc) in zip(items, scored):  # in film order, whatever thread finished first
-        if exc is not None:
-            path = it["sample"].path
-            fail(str(path), "score", f"{method}: {failure_reason(exc, path)}")
-            continue
-        yield rows
+    for b, it in enumerate(items):
+        yield it, (pool.submit(rows_of, b) if pool is not None else _done(rows_of(b)))
 
 
 def _log_logits(items: list[dict], logits: torch.Tensor, ctx: dict) -> None:
