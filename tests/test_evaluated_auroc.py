@@ -138,3 +138,16 @@ def test_evaluate_logs_every_output_and_auroc_reads_them(evaluated, tmp_path, mo
     assert calls == [[ds.index_of(dropped)]]
     evaluated_auroc(model, ds, out, n_boot=200)
     pd.testing.assert_frame_equal(read_auroc(folder), read_auroc(out), rtol=1e-6)
+
+
+def test_logits_log_keeps_films_and_restarts_for_other_outputs(tmp_path):
+    from cxr_explain.results.logits import LOGITS_NAME, LogitsLog, read_logits
+
+    log = LogitsLog(tmp_path / LOGITS_NAME, ["A", "B"], "ab" * 32)
+    log.append(["f1", "f2"], np.array([[0.5, -1.25], [2.0, 3.0]], dtype=np.float32))
+    LogitsLog(tmp_path / LOGITS_NAME, ["A", "B"], "ab" * 32).append(["f1"], np.array([[7.0, 8.0]]))  # f1 again: last counts
+    got = read_logits(tmp_path, ["A", "B"], "ab" * 32)
+    assert sorted(got) == ["f1", "f2"] and got["f1"].tolist() == [7.0, 8.0] and got["f2"].tolist() == [2.0, 3.0]
+    assert read_logits(tmp_path, ["A", "B"], "cd" * 32) == {}  # other weights: nothing
+    LogitsLog(tmp_path / LOGITS_NAME, ["A", "B", "C"], "ab" * 32)  # a model with other outputs starts afresh
+    assert read_logits(tmp_path, ["A", "B"], "ab" * 32) == {} and read_logits(tmp_path, ["A", "B", "C"], "ab" * 32) == {}
