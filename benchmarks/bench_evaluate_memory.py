@@ -14,8 +14,12 @@ and every ``--interval`` seconds samples
 It prints the RSS when 10 %, 20 %, …, 100 % of the films are done, the peak, and the slope in MB per
 1,000 films: a least-squares line through the samples of the second half of the run
 (``n/2 ≤ films done < n``), so that start-up (imports, model, first batch, tracing) is excluded. A
-streaming run has a slope near 0; a run that keeps something per film grows linearly. Every sample
-goes to ``<cache>/memory_samples.csv``.
+streaming run has a slope near 0; a run that keeps something per film grows linearly. ``evaluate``
+batches films by their number of findings, one group after the other (``batch_plan``), and a batch of
+3-finding films holds more maps and masks than one of 1-finding films, so the working set steps up
+where the group changes whatever the films done: the script also prints the slope within each long
+stretch of films with the same number of findings. Every sample goes to
+``<cache>/memory_samples.csv``.
 
 Without ``--checkpoint`` the model is a ``--arch`` with random weights (seed 0) at ``--input-size``
 and the 14 NIH labels, saved once into the cache folder (random weights explain and score the same
@@ -109,10 +113,12 @@ def tree_memory(pid: int) -> tuple[float, float, float]:
 
 # --------------------------------------------------------------------------- progress from results.csv
 class FilmCounter:
-    """The distinct films of the complete lines of a growing results CSV, read incrementally."""
+    """The distinct films of the complete lines of a growing results CSV, read incrementally, in the
+    order they were written, with the findings of each."""
 
     def __init__(self, path: Path):
-        self.path, self.offset, self.header, self.films = path, 0, None, set()
+        self.path, self.offset, self.header = path, 0, None
+        self.films: dict[str, set[str]] = {}  # image_id -> its findings (dicts keep the order)
 
     def update(self) -> int:
         try:
@@ -128,7 +134,7 @@ class FilmCounter:
                 if self.header is None:
                     self.header = row
                 elif row:
-                    self.films.add(row[0])  # image_id is the first column
+                    self.films.setdefault(row[0], set()).add(row[1])  # image_id, finding: the first columns
         return len(self.films)
 
 
@@ -184,8 +190,9 @@ def evaluate_argv(args, data: Path, ckpt: Path, out: Path) -> list[str]:
     return argv + list(args.extra)
 
 
-def run_sampled(args, data: Path, ckpt: Path) -> tuple[list[tuple[float, int, float, float, float]], float]:
-    """Run ``evaluate`` in a child process, sampling (seconds, films done, tree MB, own MB, own HWM MB)."""
+def run_sampled(args, data: Path, ckpt: Path) -> tuple[list[tuple[float, int, float, float, float]], float, list[int]]:
+    """Run ``evaluate`` in a child process, sampling (seconds, films done, tree MB, own MB, own HWM MB);
+    also the number of findings of each film, in the order the films were written."""
     out = Path(args.cache) / "eval_out"
     shutil.rmtree(out, ignore_errors=True)
     env = {**os.environ, "PYTHONPATH": str(SRC) + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -212,7 +219,7 @@ def run_sampled(args, data: Path, ckpt: Path) -> tuple[list[tuple[float, int, fl
     if len(counter.films) != args.n:
         print(f"# warning: results.csv holds {len(counter.films)} films, not {args.n} "
               "(fewer films with a box than --n? raise --generate)")
-    return samples, wall
+    return samples, wall, [len(f) for f in counter.films.values()]
 
 
 def slope_per_1000(samples, n: int, col: int) -> tuple[float, int]:
@@ -226,6 +233,32 @@ def slope_per_1000(samples, n: int, col: int) -> tuple[float, int]:
     sxx = sum((x - mx) ** 2 for x, _ in pts)
     sxy = sum((x - mx) * (y - my) for x, y in pts)
     return 1000 * sxy / sxx, len(pts)
+
+
+def group_slopes(samples, findings: list[int], col: int, min_films: int) -> list[tuple[int, int, int, float, float, int]]:
+    """The run cut where the films' number of findings changes (``evaluate`` batches films by it,
+    one group after the other, so a batch of 3-finding films holds more maps and masks than one of
+    1-finding films): per stretch of at least ``min_films`` films with the same number, (findings,
+    first film, last film, mean MB, slope in MB per 1,000 films, samples); the samples of the first
+    tenth of a stretch (the switch from the previous group) are left out."""
+    runs, start = [], 0
+    for k in range(1, len(findings) + 1):
+        if k == len(findings) or findings[k] != findings[start]:
+            runs.append((findings[start], start, k))
+            start = k
+    out = []
+    for nf, a, b in runs:
+        if b - a < min_films:
+            continue
+        lo = a + (b - a) // 10
+        pts = [(s[1], s[col]) for s in samples if lo < s[1] <= b and s[1] < len(findings)]
+        if len(pts) < 2 or len({x for x, _ in pts}) < 2:
+            continue
+        mx = sum(x for x, _ in pts) / len(pts)
+        my = sum(y for _, y in pts) / len(pts)
+        slope = 1000 * sum((x - mx) * (y - my) for x, y in pts) / sum((x - mx) ** 2 for x, _ in pts)
+        out.append((nf, a + 1, b, my, slope, len(pts)))
+    return out
 
 
 def main(argv=None) -> int:
@@ -255,7 +288,7 @@ def main(argv=None) -> int:
           f"{args.threads} threads, workers {args.workers}, psutil {'yes' if psutil else 'no (/proc)'}")
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}, "
           f"load average before: {_load()}")
-    samples, wall = run_sampled(args, data, ckpt)
+    samples, wall, findings = run_sampled(args, data, ckpt)
     with open(Path(args.cache) / "memory_samples.csv", "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["seconds", "films_done", "tree_rss_mb", "main_rss_mb", "main_hwm_mb"])
@@ -277,6 +310,14 @@ def main(argv=None) -> int:
     print(f"Peak RSS: {peak_tree:.0f} MB (process tree, sampled); CLI process high-water mark (VmHWM) {peak_hwm:.0f} MB.")
     print(f"Slope over the second half ({k} samples, {args.n // 2}–{args.n} films): "
           f"{slope_tree:+.1f} MB per 1,000 films (process tree), {slope_own:+.1f} MB per 1,000 films (CLI process).")
+    print()
+    print("Films are batched by their number of findings, one group after the other; within each stretch of "
+          f"at least {max(50, args.n // 10)} films with the same number (its first tenth left out):")
+    print()
+    print("| findings / film | films | samples | mean RSS, process tree (MB) | slope (MB per 1,000 films) |")
+    print("|---:|---:|---:|---:|---:|")
+    for nf, a, b, mean, slope, k in group_slopes(samples, findings, 2, max(50, args.n // 10)):
+        print(f"| {nf} | {a}–{b} | {k} | {mean:.0f} | {slope:+.1f} |")
     return 0
 
 
