@@ -471,6 +471,7 @@ def record_forward(
     stop_at: Optional[LayerNode] = None,
     detach_at: Optional[LayerNode] = None,
     keep: Optional[set[str]] = None,
+    unread: Optional[Callable[[LayerNode, dict[str, Any]], bool]] = None,
 ) -> ForwardRecord:
     """Run the traced graph on ``x`` out of place and keep every node's output.
 
@@ -478,10 +479,15 @@ def record_forward(
     ``autograd.grad`` stops there (Grad-CAM). ``stop_at``: stop after that node.
     ``keep``: keep only these nodes' outputs (plus the logits); others are freed after their last
     use, so a forward that needs one feature map (CAM) costs no more memory than a plain one.
+    ``unread(node, values so far)``: asked after each op node runs; True when no later reader needs
+    the contents of its output tensor, which is then kept as a ``meta`` tensor of the same shape and
+    dtype once its last consumer has run (the propagation engine's plan: see
+    :func:`~.propagation.unread_outputs`).
     """
     values: dict[str, Any] = {}
-    last_use = traced.last_use() if keep is not None else {}
+    last_use = traced.last_use() if keep is not None or unread is not None else {}
     keep_all = None if keep is None else set(keep) | {traced.logits.name}
+    shape_only: set[str] = set()
     pool_indices: dict[str, torch.Tensor] = {}
     gm = traced.graph_module
 
@@ -504,11 +510,25 @@ def record_forward(
         values[ln.name] = out
         if stop_at is not None and ln is stop_at:
             break
+        if unread is not None and isinstance(out, torch.Tensor) and node.op.startswith("call") \
+                and unread(ln, values):
+            if traced.consumers(ln):
+                shape_only.add(ln.name)
+            else:
+                values[ln.name] = _shape_of(out)
         if keep_all is not None:
             for done in last_use.get(ln.name, ()):
                 if done not in keep_all:
                     values.pop(done, None)
+        for done in last_use.get(ln.name, ()):
+            if done in shape_only and done in values:
+                values[done] = _shape_of(values[done])
     return ForwardRecord(values, pool_indices)
+
+
+def _shape_of(t: torch.Tensor) -> torch.Tensor:
+    """A stand-in with ``t``'s shape and dtype and no data (a ``meta`` tensor)."""
+    return torch.empty_like(t, device="meta")
 
 
 def _run_node(ln: LayerNode, args, kwargs, pool_indices) -> Any:

@@ -1,7 +1,8 @@
 """The one propagation engine: walk the traced graph backwards, applying each node's rule.
 
 A tensor used by several consumers receives the sum of their relevances (fan-out); each node's
-forward output is freed as soon as its rule has run, so memory peaks near the forward pass. A node
+forward output is freed as soon as its rule has run, and an output no rule reads (an activation's
+input under a pass-through rule) is recorded as its shape only (:func:`unread_outputs`). A node
 whose output is a tuple of tensors (``chunk``, ``split``) carries a tuple of relevances (``None``
 for an item no consumer read), summed item by item.
 Per node we keep Σ R at its output (``layer_sums``) and the relevance its rule lost or created
@@ -10,7 +11,7 @@ Per node we keep Σ R at its output (``layer_sums``) and the relevance its rule 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping, Optional, Union
+from typing import Any, Callable, Mapping, Optional, Union
 
 import torch
 
@@ -44,6 +45,35 @@ class PropagationResult:
     layer_sums: dict[str, Tensor]  # node name -> (K, B), for nodes whose rule is not exact by construction
     leaks: dict[str, Tensor]  # node name -> (K, B): Σ R at output − Σ R passed to inputs
     kept: dict[str, Tensor]  # node name -> (K, B, *shape): relevance at that node's output, on request
+
+
+def unread_outputs(traced: TracedModel, method: RuleMap) -> Callable[[LayerNode, dict[str, Any]], bool]:
+    """The ``unread`` plan of :func:`~.graph.record_forward` for a propagation with ``method``: a
+    node's output is read during the backward walk only by its own rule (:meth:`Rule.reads_output`,
+    asked with the recorded inputs) and by the rules of its relevant consumers that read their
+    inputs (:attr:`Rule.reads_values`). Any other output (an activation only a pass-through rule
+    sees, a linear layer's output under z⁺) is kept as its shape, so the recorded forward holds
+    what the rules use rather than every activation: same maps, less memory."""
+    relevant = {n.name for n in traced.relevant_nodes()}
+
+    def reads_inputs(node: LayerNode) -> bool:
+        rule = method.rule_for(node)
+        return rule is None or rule.reads_values
+
+    read_as_input = {n.name for n in traced.nodes
+                     if any(c.name in relevant and reads_inputs(c) for c in traced.consumers(n))}
+    keep = {traced.input.name, traced.logits.name}
+
+    def unread(node: LayerNode, values: dict[str, Any]) -> bool:
+        if node.name in keep or node.name in read_as_input:
+            return False
+        if node.name not in relevant:
+            return True
+        rule = method.rule_for(node)
+        inputs = [values[n.name] for n in node.inputs if carries_data(values.get(n.name))]
+        return rule is not None and not rule.reads_output(node, inputs)
+
+    return unread
 
 
 def propagate(

@@ -135,7 +135,7 @@ class PropagationMethod(Method):
 
         from ..explanation import finish
         from ..graph import record_forward, trace
-        from ..propagation import propagate
+        from ..propagation import propagate, unread_outputs
         from ..targets import select
 
         traced = trace(request.model)
@@ -146,7 +146,7 @@ class PropagationMethod(Method):
             raise CxrExplainError(f"{self.name}: {problem}")
         keep = frozenset(traced.find(k).name for k in request.keep_relevance)
         with torch.no_grad():
-            record = record_forward(traced, request.x)
+            record = record_forward(traced, request.x, unread=unread_outputs(traced, rules))
             logits = record[traced.logits]
             if logits.dim() != 2:
                 raise CxrExplainError(f"the model's logits have shape {tuple(logits.shape)}; expected (batch, classes)")

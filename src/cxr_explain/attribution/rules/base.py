@@ -106,9 +106,19 @@ class Rule:
 
     name = "rule"
     exact = False
+    #: the rule reads the contents of its recorded tensors (inputs and output), not only their shape
+    #: and dtype; a rule that does not lets the engine keep shape-only stand-ins (:meth:`reads_output`)
+    reads_values = True
 
     def backward(self, step: Step, R: Tensor) -> list[Optional[Tensor]]:
         raise NotImplementedError
+
+    def reads_output(self, node: LayerNode, inputs: Sequence[Any]) -> bool:
+        """Whether :meth:`backward` at ``node`` will read the contents of the node's recorded output,
+        given its recorded tensor inputs (asked once, during the forward pass). When no rule reads a
+        node's output, the engine keeps only its shape (the recorded forward then holds what the rules
+        use, not every activation)."""
+        return self.reads_values
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

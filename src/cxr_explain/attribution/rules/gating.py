@@ -30,6 +30,7 @@ class GatedProduct(Rule):
 
     name = "gated-product"
     exact = True
+    reads_values = False  # the operands' shapes only
 
     def backward(self, step, R):
         passive = step.node.passive
@@ -46,6 +47,7 @@ class UniformProduct(Rule):
 
     name = "uniform-product"
     exact = True
+    reads_values = False  # the operands' shapes only
 
     def backward(self, step, R):
         half = R / 2
@@ -66,6 +68,7 @@ class ConstantAdd(Rule):
     def __init__(self, absorb: bool = False):
         self.absorb = absorb
         self.exact = not absorb
+        self.reads_values = absorb  # without absorbing: the operands' shapes only
 
     def backward(self, step, R):
         s = sdiv(R, step.output) if self.absorb else None

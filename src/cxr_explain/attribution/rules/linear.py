@@ -274,6 +274,9 @@ class ZRule(Rule):
         return (f"ZRule({self.name}, stabilizer={self.stabilizer}, eps={self.epsilon}, bias={self.use_bias}, "
                 f"fallback={self.fallback})")
 
+    def reads_output(self, node, inputs) -> bool:
+        return False  # z is recomputed from the input with the modified weights
+
     def _falls_back(self, lm) -> bool:
         """Whether zero denominators send their relevance on evenly (:func:`_flat_fallback`, §9.6):
         ``"flat"`` everywhere, ``"flat-grouped"`` in grouped / depthwise convolutions only."""
@@ -383,6 +386,9 @@ class Combined(Rule):
     def __init__(self, parts: Sequence[tuple[float, Rule]], name: str = "combined"):
         self.parts = tuple(parts)
         self.name = name
+
+    def reads_output(self, node, inputs) -> bool:
+        return any(rule.reads_output(node, inputs) for _, rule in self.parts)
 
     def backward(self, step, R):
         total = None

@@ -93,12 +93,15 @@ class RapHidden(Rule):
     def __init__(self, shift: bool = True):
         self.shift = shift
 
+    def reads_output(self, node, inputs) -> bool:
+        return not _signed(node, inputs[0])  # only the non-negative branch reads z = W x (for N)
+
     def backward(self, step, R):
         lm = linear_map(step)
         x = step.x
         k = R.shape[0]
         conv = lm.rap_conv_form
-        signed = not step.x_nonnegative and bool(x.min() < 0)
+        signed = _signed(step.node, x)
         if not signed:
             P = lm.apply(step, x, "pos")
             N = (P - lm.preactivation(step)).clamp_(min=0)
@@ -125,6 +128,11 @@ class RapHidden(Rule):
             C, gamma = uniform_shift(C, per_sample_sum(R))
             step.leak = per_sample_sum(R) * (gamma == 0)  # all of R is lost only where nothing is active
         return [C]
+
+
+def _signed(node, x: Tensor) -> bool:
+    """The layer input ``x`` has a negative entry (not known ≥ 0 from the graph): the signed branch."""
+    return not (node.inputs and node.inputs[0].nonnegative) and bool(x.min() < 0)
 
 
 def _inverse(d: Tensor) -> Tensor:

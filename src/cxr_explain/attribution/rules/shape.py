@@ -44,6 +44,7 @@ class Permute(Rule):
 
     name = "permute"
     exact = True
+    reads_values = False  # the input's shape only
 
     def backward(self, step, R):
         n = step.x.dim()
@@ -59,6 +60,7 @@ class Transpose(Rule):
 
     name = "transpose"
     exact = True
+    reads_values = False  # the input's shape only
 
     def backward(self, step, R):
         args, kwargs = _method_args(step.node)
@@ -75,6 +77,7 @@ class Expand(Rule):
 
     name = "expand"
     exact = True
+    reads_values = False  # the input's shape only
 
     def backward(self, step, R):
         return [unbroadcast(R, step.x.shape)] + [None] * (len(step.inputs) - 1)

@@ -17,6 +17,7 @@ class Pass(Rule):
 
     name = "pass"
     exact = True
+    reads_values = False
 
     def backward(self, step, R):
         return [R]
@@ -39,6 +40,7 @@ class Reshape(Rule):
 
     name = "reshape"
     exact = True
+    reads_values = False  # the input's shape only
 
     def backward(self, step, R):
         return [R.reshape(R.shape[0], *step.x.shape)]

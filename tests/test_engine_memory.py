@@ -1,0 +1,85 @@
+"""The engine's memory plan changes no number: outputs no rule reads are recorded as their shape only
+(:func:`~cxr_explain.attribution.propagation.unread_outputs`), and the maps stay bit-identical to the
+ones computed from the full recorded forward."""
+from __future__ import annotations
+
+import pytest
+import torch
+from nets import build, images
+
+import cxr_explain.attribution.propagation as engine
+from cxr_explain.attribution import explain
+from cxr_explain.attribution.graph import record_forward, trace
+from cxr_explain.attribution.methods import get_method
+
+METHODS = ["rap", "lrp", "rap-noshift", "lrp-a2b1", "lrp-epsilon", "lrp-zplus-flat"]
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {arch: build(arch, size=64) for arch in ("convnext_tiny", "efficientnet_b0", "resnet-tiny")}
+
+
+def _full_record(monkeypatch):
+    """Make the engine record every output (the behaviour without the plan)."""
+    monkeypatch.setattr(engine, "unread_outputs", lambda traced, method: lambda node, values: False)
+
+
+@pytest.mark.parametrize("arch", ["convnext_tiny", "efficientnet_b0", "resnet-tiny"])
+def test_maps_are_bit_identical_to_the_full_record(models, arch, monkeypatch):
+    model, x = models[arch], images(2, 64, seed=3)
+    targets = [[0, 3], [1, 1]]  # two targets per image: relevance with K = 2
+    planned = {m: explain(model, x, m, target=targets, return_input_relevance=True, check_conservation=False)
+               for m in METHODS}
+    _full_record(monkeypatch)
+    for m in METHODS:
+        full = explain(model, x, m, target=targets, return_input_relevance=True, check_conservation=False)
+        assert torch.equal(planned[m].input_relevance, full.input_relevance), (arch, m)
+        assert planned[m].leaks.keys() == full.leaks.keys()
+        assert all(torch.equal(planned[m].leaks[k], full.leaks[k]) for k in full.leaks), (arch, m)
+
+
+def _plan_record(model, x, method):
+    traced = trace(model)
+    rules = get_method(method).rule_map(traced)
+    return traced, record_forward(traced, x, unread=engine.unread_outputs(traced, rules))
+
+
+@pytest.mark.parametrize("method", ["rap", "lrp"])
+def test_convnext_keeps_what_its_rules_read_and_only_the_shape_of_the_rest(models, method):
+    model, x = models["convnext_tiny"], images(2, 64, seed=3)
+    traced, record = _plan_record(model, x, method)
+    full = record_forward(traced, x).values
+    assert record.values.keys() == full.keys()
+    for name, v in record.values.items():
+        if isinstance(v, torch.Tensor) and v.is_meta:
+            assert v.shape == full[name].shape and v.dtype == full[name].dtype, name
+        elif isinstance(v, torch.Tensor):
+            assert torch.equal(v, full[name]), name
+    gelu = [n for n in traced.nodes if n.kind == "activation" and n.inputs and n.inputs[0].kind == "linear"]
+    assert len(gelu) == 18  # one per block
+    for act in gelu:
+        assert record.values[act.inputs[0].name].is_meta  # the 4×-wide output only GELU's pass-through sees
+        assert not record.values[act.name].is_meta  # GELU's output: the next linear layer's input
+        assert not record.values[act.inputs[0].inputs[0].name].is_meta  # the layer's own (LayerNorm) input
+    assert not record.values[traced.logits.name].is_meta and not record.values[traced.input.name].is_meta
+    n_meta = sum(isinstance(v, torch.Tensor) and v.is_meta for v in record.values.values())
+    assert n_meta >= 2 * 18  # also the layer-scale products and the second linear layers' outputs
+
+
+@pytest.mark.parametrize("act, rap_reads", [(torch.nn.ReLU, True), (torch.nn.Tanh, False)])
+def test_rap_reads_a_layer_output_only_for_a_nonnegative_input(act, rap_reads):
+    """RAP's non-negative branch needs z = W x (its N = P − z), its signed branch does not; z⁺
+    recomputes z from the input. The hidden conv's output is read by no other rule (a pass-through)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), act(), torch.nn.Conv2d(4, 5, 3), torch.nn.ReLU(),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(5, 3)).eval()
+    x = images(2, 16, seed=3)
+    traced, rap = _plan_record(model, x, "rap")
+    hidden = traced.find("2")
+    assert hidden.kind == "conv" and hidden.role == "hidden"
+    assert rap.values[hidden.name].is_meta is not rap_reads
+    _, lrp = _plan_record(model, x, "lrp")
+    assert lrp.values[hidden.name].is_meta
+    for m in ("rap", "lrp"):
+        assert torch.isfinite(explain(model, x, m, target=0, check_conservation=False).maps).all()
