@@ -83,3 +83,75 @@ def test_rap_reads_a_layer_output_only_for_a_nonnegative_input(act, rap_reads):
     assert lrp.values[hidden.name].is_meta
     for m in ("rap", "lrp"):
         assert torch.isfinite(explain(model, x, m, target=0, check_conservation=False).maps).all()
+
+
+# ------------------------------------------------------------------------------------------
+# RAP's signed branch, arranged for memory: the same numbers as the formula written out
+# ------------------------------------------------------------------------------------------
+
+
+def _inv(d):
+    return torch.reciprocal(d).masked_fill_(d == 0, 0)
+
+
+def _signed_formula(lm, step, R, conv):
+    """RAP's signed-input branch before the shift (docs/rules.md §9.5), every map kept alive."""
+    x, k = step.x, R.shape[0]
+    xp, xn = x.clamp(min=0), (-x).clamp_(min=0)
+    P, N = lm.apply(step, xp, "pos"), lm.apply(step, xp, "negabs")
+    Pn, Nn = lm.apply(step, xn, "pos"), lm.apply(step, xn, "negabs")
+    mag_p, mag_n = P + N, Pn + Nn
+    u = R * _inv(mag_p + mag_n)
+
+    def slots(Rb, p, n):
+        if conv:
+            return Rb.clamp(min=0).mul_(_inv(p)), Rb.clamp(max=0).mul_(_inv(n)).add_(u)
+        return Rb * _inv(p), u
+
+    s1, s2 = slots(u * mag_p, P, N)
+    s3, s4 = slots(u * mag_n, Pn, Nn)
+    n = s1.shape[0] * s1.shape[1]
+    merge = lambda t: t.reshape(-1, *t.shape[2:])  # noqa: E731
+    g = lm.apply_t(step, torch.cat([merge(s1), merge(s3)]), ["pos"], x.shape[1:])[0]
+    g += lm.apply_t(step, torch.cat([merge(s2), merge(s4)]), ["negabs"], x.shape[1:])[0]
+    C = xp.unsqueeze(0) * g[:n].reshape(k, -1, *g.shape[1:])
+    return C.addcmul_(xn.unsqueeze(0), g[n:].reshape(k, -1, *g.shape[1:]))
+
+
+SIGNED_LAYERS = {
+    "linear-channels-last": (lambda: torch.nn.Linear(8, 24), (2, 5, 5, 8)),
+    "conv-grouped": (lambda: torch.nn.Conv2d(8, 12, 3, padding=1, groups=2), (2, 8, 6, 6)),
+    "layernorm": (lambda: torch.nn.LayerNorm(8), (2, 5, 5, 8)),
+}
+
+
+@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize("name", list(SIGNED_LAYERS))
+def test_rap_signed_branch_is_bit_identical_to_the_formula(name, k):
+    from cxr_explain.attribution.rules import RapHidden, Step, linear_map
+
+    torch.manual_seed(5)
+    make, shape = SIGNED_LAYERS[name]
+    layer = make().eval()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.uniform_(-1, 1)
+    x = torch.randn(shape)
+    x[..., :2] = 0  # whole input channels at 0: zero forward maps, the safe divisions' masks
+    model = torch.nn.Sequential(layer)
+    traced = trace(model)
+    with torch.no_grad():
+        record = record_forward(traced, x)
+        node = next(n for n in traced.nodes if n.module is layer)
+        out = record.values[node.name]
+        R = torch.randn(k, *out.shape)
+        R[..., -1] = 0
+
+        def step():
+            return Step(node, [x], out, record, k, {}, input_nodes=[traced.input])
+
+        ours = RapHidden(shift=False).backward(step(), R.clone())[0]
+        s = step()
+        lm = linear_map(s)
+        ref = _signed_formula(lm, s, R.clone(), lm.rap_conv_form)
+    assert torch.equal(ours, ref)

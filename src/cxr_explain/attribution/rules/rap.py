@@ -111,23 +111,86 @@ class RapHidden(Rule):
             g += lm.apply_t(step, merge_kb(s_neg), ["negabs"], x.shape[1:])[0]
             C = x.unsqueeze(0) * split_kb(g, k)
         else:
-            xp, xn = x.clamp(min=0), (-x).clamp_(min=0)  # a⁺ and |a⁻|
-            P, N = lm.apply(step, xp, "pos"), lm.apply(step, xp, "negabs")
-            Pn, Nn = lm.apply(step, xn, "pos"), lm.apply(step, xn, "negabs")
-            mag_p, mag_n = P + N, Pn + Nn
-            u = R * _inverse(mag_p + mag_n)  # R_j / T_j: each branch gets u·(P+N) resp. u·(P'+N')
-            s1, s2 = _slots(u * mag_p, u, P, N, conv)
-            s3, s4 = _slots(u * mag_n, u, Pn, Nn, conv)
-            # one back-projection per weight modifier, both branches stacked along the batch
-            n = s1.shape[0] * s1.shape[1]
-            g = lm.apply_t(step, torch.cat([merge_kb(s1), merge_kb(s3)]), ["pos"], x.shape[1:])[0]
-            g += lm.apply_t(step, torch.cat([merge_kb(s2), merge_kb(s4)]), ["negabs"], x.shape[1:])[0]
-            C = xp.unsqueeze(0) * split_kb(g[:n], k)
-            C.addcmul_(xn.unsqueeze(0), split_kb(g[n:], k))
+            C = _signed_contributions(step, lm, x, R, conv)
         if self.shift:
             C, gamma = uniform_shift(C, per_sample_sum(R))
             step.leak = per_sample_sum(R) * (gamma == 0)  # all of R is lost only where nothing is active
         return [C]
+
+
+def _signed_contributions(step, lm, x: Tensor, R: Tensor, conv: bool) -> Tensor:
+    """The signed-input branch of :class:`RapHidden` before the shift: ``C = a⁺ ⊙ g⁺ + |a⁻| ⊙ g⁻``.
+
+    With ``P, N`` (``P', N'``) the forward maps of ``a⁺`` (``|a⁻|``) through W⁺ and |W⁻|,
+    ``u = R/T``, ``T = (P+N) + (P'+N')``, the slots of each branch (:func:`_slots` with ``u·(P+N)``
+    resp. ``u·(P'+N')``) go back in one transposed map per weight modifier, both branches stacked
+    along the batch: ``[g⁺; g⁻] = W⁺ᵀ[s₁; s₃] + |W⁻|ᵀ[s₂; s₄]``.
+
+    The same operations in the same order as the formula, arranged for memory: each forward map is
+    freed (or overwritten in place) once its last use is done, so at most about five output-sized
+    tensors are alive at once instead of eleven (ConvNeXt's 4×-wide linear layers set the peak)."""
+    k, b = R.shape[0], x.shape[0]
+    xp = x.clamp(min=0)  # a⁺
+    P, N = lm.apply(step, xp, "pos"), lm.apply(step, xp, "negabs")
+    del xp
+    xn = (-x).clamp_(min=0)  # |a⁻|
+    Pn, Nn = lm.apply(step, xn, "pos"), lm.apply(step, xn, "negabs")
+    del xn
+    if conv:  # the slots need P and N apart: keep them, recompute the sums P + N where used
+        T = P + N
+        T += Pn + Nn
+    else:  # the slots need P and P + N only: N's storage takes P + N
+        mag_p, mag_n = N.add_(P), Nn.add_(Pn)
+        del N, Nn
+        T = mag_p + mag_n
+    u = _times(R, _inverse_(T))  # R_j / T_j: each branch gets u·(P+N) resp. u·(P'+N')
+    del T
+    if conv:
+        s1, s2 = _slots_into(_times(u, P + N), u, P, N)
+        del P, N
+        s3, s4 = _slots_into(_times(u, Pn + Nn), u, Pn, Nn)
+        del Pn, Nn
+    else:  # Linear form: s⁺ = u·(P+N)/P, s⁻ = u in both branches
+        s1 = _times(u, mag_p).mul_(_inverse_(P))
+        del mag_p, P
+        s3 = _times(u, mag_n).mul_(_inverse_(Pn))
+        del mag_n, Pn
+        s2 = s4 = u
+    n = k * b
+    stacked = torch.cat([merge_kb(s1), merge_kb(s3)])
+    del s1, s3
+    g = lm.apply_t(step, stacked, ["pos"], x.shape[1:])[0]
+    stacked[:n] = merge_kb(s2)  # reuse the buffer for [s₂; s₄]
+    stacked[n:] = merge_kb(s4)
+    del s2, s4, u
+    g += lm.apply_t(step, stacked, ["negabs"], x.shape[1:])[0]
+    del stacked
+    C = x.clamp(min=0).unsqueeze(0) * split_kb(g[:n], k)
+    C.addcmul_((-x).clamp_(min=0).unsqueeze(0), split_kb(g[n:], k))
+    return C
+
+
+def _times(a: Tensor, b: Tensor) -> Tensor:
+    """``a * b`` for ``a`` (K, B, …) and ``b`` (B, …), written into ``b``'s storage when K = 1 (the
+    caller no longer needs ``b``); the same products either way."""
+    if a.shape[0] == 1 and a.shape[1:] == b.shape:
+        return b.unsqueeze(0).mul_(a)
+    return a * b
+
+
+def _inverse_(d: Tensor) -> Tensor:
+    """:func:`_inverse` in place (``d`` is overwritten)."""
+    zero = d == 0
+    d.reciprocal_()
+    return d.masked_fill_(zero, 0) if bool(zero.any()) else d
+
+
+def _slots_into(Rb: Tensor, u: Tensor, P: Tensor, N: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`_slots`' Conv form for a branch's relevance ``Rb`` and ``u = R/T``, overwriting ``Rb``,
+    ``P`` and ``N``: ``s⁺ = Rb⁺/P``, ``s⁻ = Rb⁻/N + u``."""
+    s_pos = Rb.clamp(min=0).mul_(_inverse_(P))
+    s_neg = Rb.clamp_(max=0).mul_(_inverse_(N)).add_(u)
+    return s_pos, s_neg
 
 
 def _signed(node, x: Tensor) -> bool:
