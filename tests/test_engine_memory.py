@@ -155,3 +155,18 @@ def test_rap_signed_branch_is_bit_identical_to_the_formula(name, k):
         lm = linear_map(s)
         ref = _signed_formula(lm, s, R.clone(), lm.rap_conv_form)
     assert torch.equal(ours, ref)
+
+
+def test_modified_weights_are_kept_between_calls_only_for_layers_applied_at_few_positions():
+    """W⁺ / W⁻ of a convolution applied at 2·12·12 positions are rebuilt per call (no memory held
+    between calls or at the peak); the dense head's (2 positions) stay cached. Same maps either way."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Conv2d(4, 5, 3),
+                                torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                torch.nn.Linear(5, 3)).eval()
+    x = images(2, 16, seed=3)
+    first = explain(model, x, "lrp", target=0, check_conservation=False).maps
+    traced = trace(model)
+    cached = {key[0] for key in traced.weight_cache if len(key) == 2}
+    assert cached == {traced.find("6").name}  # the head only; the hidden conv "2" is not kept
+    assert torch.equal(explain(model, x, "lrp", target=0, check_conservation=False).maps, first)

@@ -85,6 +85,7 @@ class Step:
     cache: dict[Any, Any] = field(default_factory=dict)  # modified weights, kept with the traced model
     leak: Optional[Tensor] = None  # (K, B) relevance the rule lost, when the rule knows it
     input_nodes: Sequence[LayerNode] = ()  # the graph nodes of ``inputs``, same order
+    local: dict[Any, Any] = field(default_factory=dict)  # what the rule computes once at this node (weights)
 
     @property
     def x(self) -> Tensor:

@@ -211,11 +211,26 @@ WEIGHT_MODS: dict[str, Callable[[Tensor], Tensor]] = {
 }
 
 
+#: A modified weight is kept between calls when its layer applies it at fewer output positions per
+#: call than this (dense layers, small late maps): there rebuilding it would cost a noticeable share of
+#: the layer's own product. Elsewhere it is rebuilt once per call (< 1/64 of one product) and freed
+#: with the node: ConvNeXt-Tiny's W⁺ and |W⁻| copies (207 MB) would otherwise all be alive at the
+#: peak, at the end of the backward walk.
+CACHE_BELOW_POSITIONS = 64
+
+
 def modified_weights(step: Step, lm: LinearMap, mod: str) -> Tensor:
     """Modified weights: ``id``, ``pos`` (W⁺), ``neg`` (W⁻), ``negabs`` (|W⁻|), ``abs``, ``ones``,
-    ``square``. Cached (VGG's first dense layer has 100M weights: clamping it on every call would
-    cost more than the layer)."""
-    return cached_for_weight(step, lm, (step.node.name, mod), WEIGHT_MODS[mod])
+    ``square``. Cached with the traced model where the layer is applied at few positions
+    (:data:`CACHE_BELOW_POSITIONS`; VGG's first dense layer has 100M weights: clamping it on every
+    call would cost more than the layer), else made once per call at this node."""
+    positions = step.output.numel() // max(1, lm.weight.shape[0])  # per output channel
+    if positions < CACHE_BELOW_POSITIONS:
+        return cached_for_weight(step, lm, (step.node.name, mod), WEIGHT_MODS[mod])
+    key = ("modified-weight", mod)
+    if key not in step.local:
+        step.local[key] = WEIGHT_MODS[mod](lm.weight.detach())
+    return step.local[key]
 
 
 def ones_response(step: Step, lm: LinearMap, mod: str, in_shape: Sequence[int]) -> Tensor:
