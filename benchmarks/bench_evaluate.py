@@ -205,14 +205,16 @@ def main(argv=None) -> int:
     print(f"| **ratio pipeline / explanations** | **{pipe['wall_s'] / t_exp:.3f}** | |")
     print()
     print("Stages of the pipeline run (runner timers). decode = time spent decoding films, in the main process "
-          "(--workers 0, then inside 'wait for data') or in DataLoader workers (overlapped with the rest).")
+          "(--workers 0, then inside 'wait for data') or in DataLoader workers (overlapped with the rest); "
+          "maps, resize and metrics run in the scoring threads beside the engine: their seconds add up the "
+          "threads' time, overlapped with the explanations, and are not part of the wall time.")
     print()
     print("| stage | seconds | calls | share of wall |")
     print("|---|---:|---:|---:|")
     stages = pipe["stages"]
     for name, v in stages.items():
         print(f"| {name} | {v['seconds']:.2f} | {v['calls']} | {100 * v['seconds'] / pipe['wall_s']:.1f} % |")
-    timed = sum(v["seconds"] for k, v in stages.items() if k != "decode")
+    timed = sum(v["seconds"] for k, v in stages.items() if k not in ("decode", "maps", "resize", "metrics"))
     rest = pipe["in_process_s"] - timed
     print(f"| other in-process (model and dataset loading, summary tables) | {rest:.2f} | 1 | "
           f"{100 * rest / pipe['wall_s']:.1f} % |")
