@@ -114,8 +114,10 @@ def test_rerun_appends_nothing(full_run, dataset):
     assert (full_run / "results.csv").read_bytes() == before
 
 
-def test_scoring_threads_write_the_same_rows(full_run, dataset, tmp_path, monkeypatch):
-    """Films of a batch scored in two threads (what two torch threads give): the same rows, in the
+@pytest.mark.parametrize("lag", [0, 100])
+def test_scoring_threads_write_the_same_rows(full_run, dataset, tmp_path, monkeypatch, lag):
+    """Films of a batch scored in two threads (what two torch threads give), waited for after each
+    method (CPU) or left to score behind the engine (``lag``, as on a GPU): the same rows, in the
     same order, as the serial run (whose results.csv ``full_run`` holds). The engine keeps one
     thread so that only the scoring differs."""
     from concurrent.futures import ThreadPoolExecutor
@@ -124,6 +126,7 @@ def test_scoring_threads_write_the_same_rows(full_run, dataset, tmp_path, monkey
 
     pools = []
     monkeypatch.setattr(runner, "_scoring_pool", lambda n: pools.append(ThreadPoolExecutor(2)) or pools[-1])
+    monkeypatch.setattr(runner, "_scoring_lag", lambda *a: lag)
     evaluate(tiny_model(), dataset, METHODS, out_dir=tmp_path, batch_size=4, progress=False, save_maps=False)
     assert pools and pools[0]._shutdown
     got, want = read_results(tmp_path / "results.csv"), read_results(full_run / "results.csv")

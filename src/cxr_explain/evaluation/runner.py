@@ -184,6 +184,15 @@ def _scoring_pool(batch_size: int) -> Optional[ThreadPoolExecutor]:
     return ThreadPoolExecutor(max_workers=n, thread_name_prefix="cxr-score") if n > 1 else None
 
 
+def _scoring_lag(dev: torch.device, batch_size: int, n_methods: int) -> int:
+    """How many (film, method) scorings may wait behind the engine. On a GPU the scoring threads run
+    beside it, up to about two batches behind (the CPU is otherwise idle while the GPU explains). On
+    the CPU they would take cores from the engine's own threads (measured on 2 cores, 24 films:
+    explanations 15.5 s -> 18.3 s, the run 19.5 s -> 20.6 s), so there the engine waits for each
+    method's films to be scored, in parallel, before it goes on (0)."""
+    return 2 * batch_size * n_methods if dev.type == "cuda" else 0
+
+
 def _probe(model: nn.Module, methods: Sequence[Method], channels: int, size: int, device: torch.device) -> None:
     """Each method once on a random input (first output): a method the model cannot take
     (attention rules on a CNN, a CAM without a spatial map) stops the run here with one line,
@@ -348,7 +357,7 @@ def evaluate(
            "use_masks": use_masks, "versus": versus_index, "timer": tm, "dtype": dtype,
            "pool": _scoring_pool(batch_size), "logits": logits_log, "logged": set()}
     pending = _PendingRows(writer, fail, tm)
-    in_flight = 2 * batch_size * len(methods)  # films x methods scoring behind the engine: about two batches
+    in_flight = _scoring_lag(dev, batch_size, len(methods))
     if tm.enabled:
         tm.add("start-up", time.perf_counter() - t_start)
     try:
@@ -439,8 +448,8 @@ def _done(value: Any) -> Future:
 
 
 class _PendingRows:
-    """Films being scored by the pool's threads while the engine explains the next method or
-    batch; their rows are written in the order the films were explained, a film whose rows could
+    """Films being scored by the pool's threads (on a GPU while the engine explains the next method
+    or batch); their rows are written in the order the films were explained, a film whose rows could
     not be made fails at stage ``score``. ``write(keep=k)`` writes every finished film at the head
     of the queue and waits for the oldest while more than ``k`` are pending."""
 
@@ -469,8 +478,8 @@ class _PendingRows:
 
 def _score_items(model: nn.Module, configured: Method, items: list[dict], gts: dict, ctx: dict, fail):
     """Explain ``items`` with ``configured`` and yield, per image, ``(item, future rows)``: the
-    scoring runs in the pool's threads (at once without a pool), so the engine goes on with the
-    next method while the maps are resized and scored. A batch the method refuses is explained
+    scoring runs in the pool's threads (at once without a pool); on a GPU the engine goes on with
+    the next method while the maps are resized and scored. A batch the method refuses is explained
     film by film, so that only the film at fault fails (stage ``explain``)."""
     method = configured.name
     try:
@@ -491,17 +500,28 @@ def _score_items(model: nn.Module, configured: Method, items: list[dict], gts: d
     probs = torch.sigmoid(logits) if ctx["multilabel"] else torch.softmax(logits, dim=1)
     _log_logits(items, logits, ctx)
 
-    def rows_of(b: int) -> tuple[Optional[list[dict]], Optional[Exception]]:
+    def rows_of(b: int, normalized: list[np.ndarray]) -> tuple[Optional[list[dict]], Optional[Exception]]:
         it = items[b]
         classes = [find_label(f, ctx["labels"]) for f in findings_of(gts[it["index"]])]
         try:
-            return _image_rows(it, method, b, maps, raw, logits, probs, classes, gts[it["index"]], ctx, cons), None
+            return _image_rows(it, method, b, maps, normalized, logits, probs, classes, gts[it["index"]], ctx,
+                               cons), None
         except (CxrExplainError, OSError) as exc:
             return None, exc
 
     pool: Optional[ThreadPoolExecutor] = ctx.get("pool")
     for b, it in enumerate(items):
-        yield it, (pool.submit(rows_of, b) if pool is not None else _done(rows_of(b)))
+        # The resize runs here, in the engine's thread: torch called from the scoring threads would
+        # give each its own OpenMP team, and with more OpenMP threads than cores libgomp stops
+        # spinning between parallel regions, slowing the engine's every operation (measured: 20 %).
+        try:
+            with ctx["timer"].stage("resize"):
+                normalized = [_normalized(raw[b, k] if raw is not None else maps[b, k], int(it["height"]),
+                                          int(it["width"]), ctx) for k in range(len(findings_of(gts[it["index"]])))]
+        except (CxrExplainError, OSError) as exc:
+            yield it, _done((None, exc))
+            continue
+        yield it, (pool.submit(rows_of, b, normalized) if pool is not None else _done(rows_of(b, normalized)))
 
 
 def _log_logits(items: list[dict], logits: torch.Tensor, ctx: dict) -> None:
@@ -527,11 +547,13 @@ def _normalized(src: torch.Tensor, H: int, W: int, ctx: dict) -> np.ndarray:
     return normalize_map(src, resize_to=(H, W), mode=ctx["resize"], scaling=ctx["scaling"])
 
 
-def _image_rows(it: dict, method: str, b: int, maps: torch.Tensor, raw: Optional[torch.Tensor], logits: torch.Tensor,
-                probs: torch.Tensor, classes: list[int], gts: list[GroundTruth], ctx: dict,
+def _image_rows(it: dict, method: str, b: int, maps: torch.Tensor, normalized: Sequence[np.ndarray],
+                logits: torch.Tensor, probs: torch.Tensor, classes: list[int], gts: list[GroundTruth], ctx: dict,
                 cons: Optional[torch.Tensor] = None) -> list[dict]:
-    """The result rows of one image for one method (and its saved maps). Each finding's map is
-    resized, normalised and sorted once (:class:`MapScorer`), whatever the number of its regions.
+    """The result rows of one image for one method (and its saved maps): numpy only, so that it
+    can run in a scoring thread. ``normalized[k]``: the map of the image's k-th finding in the
+    original pixel space (:func:`_normalized`), sorted once (:class:`MapScorer`) whatever the
+    number of its regions.
     ``cons``: (B, K) conservation errors |Σ map − explained| / |explained| (propagation methods), as
     ``explain`` reports them; None leaves the column empty."""
     tm = ctx["timer"]
@@ -551,10 +573,8 @@ def _image_rows(it: dict, method: str, b: int, maps: torch.Tensor, raw: Optional
         cls = classes[k]
         mask = _gt_mask(s, g, H, W)
         if k not in scorers:
-            with tm.stage("resize"):
-                hn = _normalized(raw[b, k] if raw is not None else maps[b, k], H, W, ctx)
             with tm.stage("metrics"):
-                scorers[k] = MapScorer(hn)
+                scorers[k] = MapScorer(normalized[k])
         with tm.stage("metrics"):
             sc = scorers[k].scores(mask, ctx["thresholds"], ctx["empty_region"])
         bx = (g.box.x, g.box.y, g.box.w, g.box.h) if g.box is not None else _bbox_of(mask)
