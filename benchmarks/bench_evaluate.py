@@ -206,15 +206,15 @@ def main(argv=None) -> int:
     print()
     print("Stages of the pipeline run (runner timers). decode = time spent decoding films, in the main process "
           "(--workers 0, then inside 'wait for data') or in DataLoader workers (overlapped with the rest); "
-          "maps, resize and metrics run in the scoring threads beside the engine: their seconds add up the "
-          "threads' time, overlapped with the explanations, and are not part of the wall time.")
+          "maps and metrics run in the scoring threads (one per torch thread; on the CPU the engine waits for them, "
+          "'wait for scoring'): their seconds add up the threads' time and are not part of the wall time.")
     print()
     print("| stage | seconds | calls | share of wall |")
     print("|---|---:|---:|---:|")
     stages = pipe["stages"]
     for name, v in stages.items():
         print(f"| {name} | {v['seconds']:.2f} | {v['calls']} | {100 * v['seconds'] / pipe['wall_s']:.1f} % |")
-    timed = sum(v["seconds"] for k, v in stages.items() if k not in ("decode", "maps", "resize", "metrics"))
+    timed = sum(v["seconds"] for k, v in stages.items() if k not in ("decode", "maps", "metrics"))
     rest = pipe["in_process_s"] - timed
     print(f"| other in-process (model and dataset loading, summary tables) | {rest:.2f} | 1 | "
           f"{100 * rest / pipe['wall_s']:.1f} % |")

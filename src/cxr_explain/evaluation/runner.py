@@ -466,7 +466,11 @@ class _PendingRows:
             if quiet and not self.queue[0][2].done():
                 return
             it, method, scored = self.queue.popleft()
-            rows, exc = scored.result()
+            if scored.done():
+                rows, exc = scored.result()
+            else:
+                with self.timer.stage("wait for scoring"):
+                    rows, exc = scored.result()
             if exc is not None:
                 if not quiet:
                     path = it["sample"].path
