@@ -30,7 +30,10 @@ def map_file(method: str, image_id: str) -> str:
 
 
 def save_maps(path: Path | str, maps: Mapping[str, np.ndarray]) -> None:
-    """Write ``{finding: (H, W) map}`` as float16 ``.npz`` with per-finding float32 scales, atomically."""
+    """Write ``{finding: (H, W) map}`` as float16 ``.npz`` with per-finding float32 scales, atomically.
+
+    Stored, not deflated: zlib won 7 % on float16 relevance at 40 times the time (2.6 ms against
+    0.07 ms a 224² map), which on a dataset run cost more than the rest of writing."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {}
@@ -42,7 +45,7 @@ def save_maps(path: Path | str, maps: Mapping[str, np.ndarray]) -> None:
         arrays[k + SCALE_SUFFIX] = np.float32(s)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as fh:
-        np.savez_compressed(fh, **arrays)
+        np.savez(fh, **arrays)
     os.replace(tmp, path)
 
 
