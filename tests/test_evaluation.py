@@ -21,7 +21,7 @@ from cxr_explain.commands import add_evaluate_arguments, load_dataset_from_args
 from cxr_explain.evaluation import evaluate
 from cxr_explain.evaluation.faithfulness import cascade_layers
 from cxr_explain.results import ROW_KEY, ResultsWriter, load_maps, read_results, results_columns, write_summaries
-from cxr_explain.metrics.localization import localization_scores
+from cxr_explain.metrics.localization import localization_scores, normalize_map
 from cxr_explain.models.zoo import BENCHMARK_LABELS, ModelSpec
 
 METHODS = ("cam", "lrp", "rap")
@@ -346,3 +346,26 @@ def test_a_film_that_cannot_be_scored_fails_alone(dataset, full_run, tmp_path, m
     want = read_results(full_run / "results.csv")
     want = want[want["image_id"] != bad.image_id].reset_index(drop=True)
     pd.testing.assert_frame_equal(got.drop(columns=["map_file"]), want.drop(columns=["map_file"]))
+
+
+@pytest.mark.parametrize("prep, resize", [("gray", "bilinear"), ("gray", "bicubic"), ("gray", "area"),
+                                          ("xrv", "bilinear")])
+def test_maps_resized_together_equal_one_resize_per_map(prep, resize):
+    """The runner resizes the maps of a batch with one interpolation per original size (center-
+    cropped films one by one): normalised, each equals the one-map-at-a-time path bit for bit."""
+    from cxr_explain.evaluation import runner
+    from cxr_explain.evaluation.runner import GroundTruth
+
+    torch.manual_seed(0)
+    ctx = {"pre": get_preprocessing(prep, 32), "resize": resize, "scaling": "clip"}
+    sizes = [(64, 64), (80, 64), (64, 64)]  # two films share a size, one does not (and is cropped by xrv)
+    findings = [["Mass", "Nodule"], ["Mass"], ["Effusion", "Mass", "Nodule"]]
+    items = [{"index": b, "height": h, "width": w} for b, (h, w) in enumerate(sizes)]
+    gts = {b: [GroundTruth(f, "mask", 0) for f in fs] for b, fs in enumerate(findings)}
+    src = torch.randn(3, 3, 32, 32)
+    got = runner._original_size_maps(items, src, gts, ctx)
+    for b, (h, w) in enumerate(sizes):
+        assert len(got[b]) == len(findings[b])
+        for k, a in enumerate(got[b]):
+            hn = np.asarray(a) if isinstance(a, runner._Normalized) else normalize_map(a)
+            np.testing.assert_array_equal(hn, runner._normalized(src[b, k], h, w, ctx))

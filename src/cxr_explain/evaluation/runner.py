@@ -30,6 +30,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..attribution import explain
 from ..attribution.methods import Method, get_method, resolve_method_name
@@ -504,28 +505,63 @@ def _score_items(model: nn.Module, configured: Method, items: list[dict], gts: d
     probs = torch.sigmoid(logits) if ctx["multilabel"] else torch.softmax(logits, dim=1)
     _log_logits(items, logits, ctx)
 
-    def rows_of(b: int, normalized: list[np.ndarray]) -> tuple[Optional[list[dict]], Optional[Exception]]:
+    def rows_of(b: int, resized: list[np.ndarray]) -> tuple[Optional[list[dict]], Optional[Exception]]:
         it = items[b]
         classes = [find_label(f, ctx["labels"]) for f in findings_of(gts[it["index"]])]
         try:
-            return _image_rows(it, method, b, maps, normalized, logits, probs, classes, gts[it["index"]], ctx,
+            return _image_rows(it, method, b, maps, resized, logits, probs, classes, gts[it["index"]], ctx,
                                cons), None
         except (CxrExplainError, OSError) as exc:
             return None, exc
 
     pool: Optional[ThreadPoolExecutor] = ctx.get("pool")
+    with ctx["timer"].stage("resize"):
+        resized = _original_size_maps(items, raw if raw is not None else maps, gts, ctx)
     for b, it in enumerate(items):
-        # The resize runs here, in the engine's thread: torch called from the scoring threads would
-        # give each its own OpenMP team, and with more OpenMP threads than cores libgomp stops
-        # spinning between parallel regions, slowing the engine's every operation (measured: 20 %).
-        try:
-            with ctx["timer"].stage("resize"):
-                normalized = [_normalized(raw[b, k] if raw is not None else maps[b, k], int(it["height"]),
-                                          int(it["width"]), ctx) for k in range(len(findings_of(gts[it["index"]])))]
-        except (CxrExplainError, OSError) as exc:
-            yield it, _done((None, exc))
+        if isinstance(resized[b], Exception):
+            yield it, _done((None, resized[b]))
+        else:
+            yield it, (pool.submit(rows_of, b, resized[b]) if pool is not None else _done(rows_of(b, resized[b])))
+
+
+def _original_size_maps(items: list[dict], src: torch.Tensor, gts: dict, ctx: dict) -> list:
+    """Each film's maps (one per finding) in its original pixel space, not yet normalised, as numpy
+    arrays (or the film's error). Runs in the engine's thread: torch called from the scoring threads
+    would give each its own OpenMP team, and with more OpenMP threads than cores libgomp stops
+    spinning between parallel regions, slowing every operation of the engine (measured: 20 %).
+    Films the preprocessing kept whole are resized together, one ``F.interpolate`` per original
+    size (the same values as one call per map); a cropped film goes through
+    ``Preprocessing.to_original`` and is normalised here (:func:`_normalized`)."""
+    pre: Preprocessing = ctx["pre"]
+    out: list = [None] * len(items)
+    groups: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    for b, it in enumerate(items):
+        H, W = int(it["height"]), int(it["width"])
+        n = len(findings_of(gts[it["index"]]))
+        if _identity_geometry(pre, H, W):
+            groups.setdefault((H, W), []).extend((b, k) for k in range(n))
+            out[b] = [None] * n
             continue
-        yield it, (pool.submit(rows_of, b, normalized) if pool is not None else _done(rows_of(b, normalized)))
+        try:
+            out[b] = [_Normalized(_normalized(src[b, k], H, W, ctx)) for k in range(n)]
+        except (CxrExplainError, OSError) as exc:
+            out[b] = exc
+    for (H, W), pairs in groups.items():
+        stack = torch.stack([src[b, k] for b, k in pairs])[:, None].float()
+        if tuple(stack.shape[-2:]) != (H, W):
+            kw = {"align_corners": False} if ctx["resize"] in ("bilinear", "bicubic") else {}
+            stack = F.interpolate(stack, size=(H, W), mode=ctx["resize"], **kw)
+        arrays = stack[:, 0].numpy()
+        for (b, k), a in zip(pairs, arrays):
+            out[b][k] = a
+    return out
+
+
+class _Normalized(np.ndarray):
+    """A map :func:`_normalized` already brought to the original space and normalised."""
+
+    def __new__(cls, a: np.ndarray) -> "_Normalized":
+        return np.asarray(a).view(cls)
 
 
 def _log_logits(items: list[dict], logits: torch.Tensor, ctx: dict) -> None:
@@ -551,13 +587,14 @@ def _normalized(src: torch.Tensor, H: int, W: int, ctx: dict) -> np.ndarray:
     return normalize_map(src, resize_to=(H, W), mode=ctx["resize"], scaling=ctx["scaling"])
 
 
-def _image_rows(it: dict, method: str, b: int, maps: torch.Tensor, normalized: Sequence[np.ndarray],
+def _image_rows(it: dict, method: str, b: int, maps: torch.Tensor, resized: Sequence[np.ndarray],
                 logits: torch.Tensor, probs: torch.Tensor, classes: list[int], gts: list[GroundTruth], ctx: dict,
                 cons: Optional[torch.Tensor] = None) -> list[dict]:
     """The result rows of one image for one method (and its saved maps): numpy only, so that it
-    can run in a scoring thread. ``normalized[k]``: the map of the image's k-th finding in the
-    original pixel space (:func:`_normalized`), sorted once (:class:`MapScorer`) whatever the
-    number of its regions.
+    can run in a scoring thread. ``resized[k]``: the map of the image's k-th finding in the
+    original pixel space (:func:`_original_size_maps`), normalised here (``normalize_map``: negatives
+    to 0, divided by the maximum) and sorted once (:class:`MapScorer`) whatever the number of its
+    regions.
     ``cons``: (B, K) conservation errors |Σ map − explained| / |explained| (propagation methods), as
     ``explain`` reports them; None leaves the column empty."""
     tm = ctx["timer"]
@@ -578,7 +615,9 @@ def _image_rows(it: dict, method: str, b: int, maps: torch.Tensor, normalized: S
         mask = _gt_mask(s, g, H, W)
         if k not in scorers:
             with tm.stage("metrics"):
-                scorers[k] = MapScorer(normalized[k])
+                a = resized[k]
+                hn = np.asarray(a) if isinstance(a, _Normalized) else normalize_map(a, scaling=ctx["scaling"])
+                scorers[k] = MapScorer(hn)
         with tm.stage("metrics"):
             sc = scorers[k].scores(mask, ctx["thresholds"], ctx["empty_region"])
         bx = (g.box.x, g.box.y, g.box.w, g.box.h) if g.box is not None else _bbox_of(mask)
