@@ -39,6 +39,8 @@ SRC = ROOT / "src"
 if str(SRC) not in sys.path:
     sys.path.insert(0, str(SRC))
 
+from evalbench_common import add_common_arguments, checkpoint, evaluate_argv, load_average  # noqa: E402
+
 
 def _child(timings: str, argv: list[str]) -> int:
     """Run the CLI in this process with a stage timer handed to ``evaluate``; dump the timer as JSON."""
@@ -58,41 +60,13 @@ def _child(timings: str, argv: list[str]) -> int:
     return rc
 
 
-def _load() -> str:
-    try:
-        return " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "?"
-
-
 def prepare(args) -> tuple[Path, Path]:
     """The phantom folder and the checkpoint (generated / built once, then reused)."""
-    import torch
-
     from cxr_explain.data.phantom import generate
-    from cxr_explain.models.checkpoints import save_checkpoint
-    from cxr_explain.models.zoo import build_model
 
-    cache = Path(args.cache)
-    data = cache / f"phantom_{args.size}_seed{args.seed}"
+    data = Path(args.cache) / f"phantom_{args.size}_seed{args.seed}"
     generate(data, args.generate or args.n, seed=args.seed, size=args.size, workers=args.gen_workers, progress=False)
-    if args.checkpoint:
-        return data, Path(args.checkpoint)
-    ckpt = cache / f"{args.arch}_{args.input_size}_random.pt"
-    if not ckpt.is_file():
-        torch.manual_seed(0)
-        model = build_model(args.arch, labels="chexnet", input_size=args.input_size)
-        save_checkpoint(ckpt, model)
-    return data, ckpt
-
-
-def evaluate_argv(args, data: Path, ckpt: Path, out: Path) -> list[str]:
-    argv = ["evaluate", "--data", str(data), "--checkpoint", str(ckpt), "--methods", *args.methods,
-            "--out", str(out), "--batch-size", str(args.batch_size), "--workers", str(args.workers),
-            "--max-images", str(args.n), "--no-report", "--no-progress", "--threads", str(args.threads)]
-    if not args.masks:
-        argv.append("--no-masks")
-    return argv + list(args.extra)
+    return data, checkpoint(args)
 
 
 def run_pipeline(args, data: Path, ckpt: Path, k: int) -> dict:
@@ -160,20 +134,8 @@ def main(argv=None) -> int:
     if argv and argv[0] == "--child":
         return _child(argv[1], argv[3:])
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--cache", required=True, help="folder for the synthetic films, the model and the outputs")
-    p.add_argument("--n", type=int, default=48, help="films to evaluate (the first N with a box)")
+    add_common_arguments(p, n=48, methods=["cam", "lrp", "rap"])
     p.add_argument("--generate", type=int, default=None, help="films to generate (default: --n; more if some lack boxes)")
-    p.add_argument("--size", type=int, default=1024, help="film size in pixels (default 1024, NIH's)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--arch", default="densenet121")
-    p.add_argument("--input-size", type=int, default=224)
-    p.add_argument("--checkpoint", default=None, help="a checkpoint instead of random weights")
-    p.add_argument("--methods", nargs="+", default=["cam", "lrp", "rap"])
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--workers", type=int, default=0, help="evaluate --workers")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--gen-workers", type=int, default=2)
-    p.add_argument("--no-masks", dest="masks", action="store_false", help="boxes only (as NIH)")
     p.add_argument("--repeats", type=int, default=1, help="runs of each side, alternated (the best of each is reported)")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more evaluate options")
     args = p.parse_args(argv)
@@ -183,7 +145,7 @@ def main(argv=None) -> int:
           f"batch {args.batch_size}, {args.n} films of {args.size}² ({'boxes + masks' if args.masks else 'boxes'}), "
           f"{args.threads} threads, workers {args.workers}")
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}, "
-          f"load average before: {_load()}")
+          f"load average before: {load_average()}")
     pipes, exps = [], []
     for k in range(args.repeats):
         pipes.append(run_pipeline(args, data, ckpt, k))
@@ -194,7 +156,7 @@ def main(argv=None) -> int:
     films = e0["films"]
     t_exp = sum(exp_s.values())
     print(f"# {films} films, {e0['regions']} regions, {e0['targets']} (film, finding) targets, {e0['batches']} batches; "
-          f"load average after: {_load()}")
+          f"load average after: {load_average()}")
     print()
     print("| measure | seconds | films/s |")
     print("|---|---:|---:|")

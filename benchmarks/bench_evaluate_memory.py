@@ -50,17 +50,12 @@ SRC = ROOT / "src"
 if str(SRC) not in sys.path:
     sys.path.insert(0, str(SRC))
 
+from evalbench_common import add_common_arguments, checkpoint, evaluate_argv, load_average  # noqa: E402
+
 try:
     import psutil
 except ImportError:  # /proc is enough on Linux
     psutil = None
-
-
-def _load() -> str:
-    try:
-        return " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "?"
 
 
 # --------------------------------------------------------------------------- memory of a process tree
@@ -141,22 +136,10 @@ class FilmCounter:
 # --------------------------------------------------------------------------- setup and the run
 def prepare(args) -> tuple[Path, Path]:
     """The phantom folder and the checkpoint (generated / built once, then reused)."""
-    import torch
-
     from cxr_explain.data.phantom import generate
-    from cxr_explain.models.checkpoints import save_checkpoint
-    from cxr_explain.models.zoo import build_model
 
-    cache = Path(args.cache)
-    if args.checkpoint:
-        ckpt = Path(args.checkpoint)
-    else:
-        ckpt = cache / f"{args.arch}_{args.input_size}_random.pt"
-        if not ckpt.is_file():
-            torch.manual_seed(0)
-            model = build_model(args.arch, labels="chexnet", input_size=args.input_size)
-            save_checkpoint(ckpt, model)
-    data = cache / f"phantom_{args.size}_seed{args.seed}"
+    ckpt = checkpoint(args)
+    data = Path(args.cache) / f"phantom_{args.size}_seed{args.seed}"
     total = args.generate or args.n
     while True:  # about a third of the phantom films have no box: generate until N of them have one
         generate(data, total, seed=args.seed, size=args.size, workers=args.gen_workers, progress=False)
@@ -179,15 +162,6 @@ def scored_films(data: Path, ckpt: Path, masks: bool) -> int:
     labels = list(load_checkpoint(ckpt)[0].cxr_spec.labels)
     ds = open_dataset(data, "nih", boxed_only=True, findings=[f for f in CHEXNET_FINDINGS if f in labels])
     return len(select_images(ds, labels, use_masks=masks))
-
-
-def evaluate_argv(args, data: Path, ckpt: Path, out: Path) -> list[str]:
-    argv = ["evaluate", "--data", str(data), "--checkpoint", str(ckpt), "--methods", *args.methods,
-            "--out", str(out), "--batch-size", str(args.batch_size), "--workers", str(args.workers),
-            "--max-images", str(args.n), "--no-report", "--no-progress", "--threads", str(args.threads)]
-    if not args.masks:
-        argv.append("--no-masks")
-    return argv + list(args.extra)
 
 
 def run_sampled(args, data: Path, ckpt: Path) -> tuple[list[tuple[float, int, float, float, float]], float, list[int]]:
@@ -263,20 +237,8 @@ def group_slopes(samples, findings: list[int], col: int, min_films: int) -> list
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--cache", required=True, help="folder for the synthetic films, the model and the output")
-    p.add_argument("--n", type=int, default=2000, help="films to evaluate (the first N with a box)")
+    add_common_arguments(p, n=2000, methods=["cam"], methods_help="default: cam (cheap; the metrics still run at --size)")
     p.add_argument("--generate", type=int, default=None, help="films to generate (default: as many as it takes for --n of them to have a box or mask)")
-    p.add_argument("--size", type=int, default=1024, help="film size in pixels (default 1024, NIH's)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--arch", default="densenet121")
-    p.add_argument("--input-size", type=int, default=224)
-    p.add_argument("--checkpoint", default=None, help="a checkpoint instead of random weights")
-    p.add_argument("--methods", nargs="+", default=["cam"], help="default: cam (cheap; the metrics still run at --size)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--workers", type=int, default=0, help="evaluate --workers (DataLoader processes)")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--gen-workers", type=int, default=2, help="processes generating the films")
-    p.add_argument("--no-masks", dest="masks", action="store_false", help="boxes only (as NIH)")
     p.add_argument("--interval", type=float, default=0.5, help="seconds between samples")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more evaluate options")
     args = p.parse_args(argv)
@@ -287,13 +249,13 @@ def main(argv=None) -> int:
           f"batch {args.batch_size}, {args.n} films of {args.size}² ({'boxes + masks' if args.masks else 'boxes'}), "
           f"{args.threads} threads, workers {args.workers}, psutil {'yes' if psutil else 'no (/proc)'}")
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}, "
-          f"load average before: {_load()}")
+          f"load average before: {load_average()}")
     samples, wall, findings = run_sampled(args, data, ckpt)
     with open(Path(args.cache) / "memory_samples.csv", "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["seconds", "films_done", "tree_rss_mb", "main_rss_mb", "main_hwm_mb"])
         w.writerows([f"{s[0]:.2f}", s[1], f"{s[2]:.1f}", f"{s[3]:.1f}", f"{s[4]:.1f}"] for s in samples)
-    print(f"# {len(samples)} samples over {wall:.0f} s ({args.n / wall:.2f} films/s); load average after: {_load()}")
+    print(f"# {len(samples)} samples over {wall:.0f} s ({args.n / wall:.2f} films/s); load average after: {load_average()}")
     print()
     print("| films done | seconds | RSS, process tree (MB) | RSS, CLI process (MB) |")
     print("|---:|---:|---:|---:|")
