@@ -364,8 +364,10 @@ def test_maps_resized_together_equal_one_resize_per_map(prep, resize):
     gts = {b: [GroundTruth(f, "mask", 0) for f in fs] for b, fs in enumerate(findings)}
     src = torch.randn(3, 3, 32, 32)
     got = runner._original_size_maps(items, src, gts, ctx)
+    pre = ctx["pre"]
     for b, (h, w) in enumerate(sizes):
         assert len(got[b]) == len(findings[b])
         for k, a in enumerate(got[b]):
-            hn = np.asarray(a) if isinstance(a, runner._Normalized) else normalize_map(a)
-            np.testing.assert_array_equal(hn, runner._normalized(src[b, k], h, w, ctx))
+            one = src[b, k] if runner._identity_geometry(pre, h, w) else pre.to_original(src[b, k], h, w)
+            np.testing.assert_array_equal(normalize_map(a), normalize_map(one, resize_to=(h, w), mode=resize))
+    assert not runner._identity_geometry(pre, 80, 64) or prep != "xrv"  # the crop path is taken

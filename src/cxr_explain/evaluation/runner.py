@@ -30,7 +30,6 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..attribution import explain
 from ..attribution.methods import Method, get_method, resolve_method_name
@@ -40,7 +39,8 @@ from ..data.labels import find_label, label_index
 from ..data.types import Box, Sample
 from ..errors import CxrExplainError, failure_reason
 from ..models.checkpoints import weights_sha256
-from ..metrics.localization import EMPTY_REGION_MODES, PAPER_THRESHOLDS, RESIZE_MODES, MapScorer, normalize_map
+from ..metrics.localization import (EMPTY_REGION_MODES, PAPER_THRESHOLDS, RESIZE_MODES, MapScorer, normalize_map,
+                                    resize_map, resize_maps)
 from ..runtime import init_distributed, resolve_device
 from ..results.maps import map_file as map_file_of
 from ..results.maps import save_maps as write_maps
@@ -178,9 +178,9 @@ def _identity_geometry(pre: Preprocessing, h: int, w: int) -> bool:
 
 
 def _scoring_pool(batch_size: int) -> Optional[ThreadPoolExecutor]:
-    """Threads that resize, sort and score the films of a batch side by side (numpy's sort, torch's
-    resize and zlib release the GIL), one per torch thread (``--threads``): scoring then takes
-    about 1 / threads of its serial time. None when there is one thread or one film a batch."""
+    """Threads that normalise, sort and score the films of a batch side by side (numpy only; its
+    sort releases the GIL), one per torch thread (``--threads``): scoring then takes about
+    1 / threads of its serial time. None when there is one thread or one film a batch."""
     n = min(torch.get_num_threads(), os.cpu_count() or 1, batch_size)
     return ThreadPoolExecutor(max_workers=n, thread_name_prefix="cxr-score") if n > 1 else None
 
@@ -529,9 +529,10 @@ def _original_size_maps(items: list[dict], src: torch.Tensor, gts: dict, ctx: di
     arrays (or the film's error). Runs in the engine's thread: torch called from the scoring threads
     would give each its own OpenMP team, and with more OpenMP threads than cores libgomp stops
     spinning between parallel regions, slowing every operation of the engine (measured: 20 %).
-    Films the preprocessing kept whole are resized together, one ``F.interpolate`` per original
-    size (the same values as one call per map); a cropped film goes through
-    ``Preprocessing.to_original`` and is normalised here (:func:`_normalized`)."""
+    Films the preprocessing kept whole are resized together, one interpolation per original size
+    (:func:`~cxr_explain.metrics.localization.resize_maps`: the values of one call per map); a
+    cropped film is first mapped back through ``Preprocessing.to_original``
+    (docs/evaluation.md §1 step 1)."""
     pre: Preprocessing = ctx["pre"]
     out: list = [None] * len(items)
     groups: dict[tuple[int, int], list[tuple[int, int]]] = {}
@@ -543,25 +544,14 @@ def _original_size_maps(items: list[dict], src: torch.Tensor, gts: dict, ctx: di
             out[b] = [None] * n
             continue
         try:
-            out[b] = [_Normalized(_normalized(src[b, k], H, W, ctx)) for k in range(n)]
+            out[b] = [resize_map(pre.to_original(src[b, k], H, W), (H, W), ctx["resize"]) for k in range(n)]
         except (CxrExplainError, OSError) as exc:
             out[b] = exc
     for (H, W), pairs in groups.items():
-        stack = torch.stack([src[b, k] for b, k in pairs])[:, None].float()
-        if tuple(stack.shape[-2:]) != (H, W):
-            kw = {"align_corners": False} if ctx["resize"] in ("bilinear", "bicubic") else {}
-            stack = F.interpolate(stack, size=(H, W), mode=ctx["resize"], **kw)
-        arrays = stack[:, 0].numpy()
+        arrays = resize_maps(torch.stack([src[b, k] for b, k in pairs]), (H, W), ctx["resize"])
         for (b, k), a in zip(pairs, arrays):
             out[b][k] = a
     return out
-
-
-class _Normalized(np.ndarray):
-    """A map :func:`_normalized` already brought to the original space and normalised."""
-
-    def __new__(cls, a: np.ndarray) -> "_Normalized":
-        return np.asarray(a).view(cls)
 
 
 def _log_logits(items: list[dict], logits: torch.Tensor, ctx: dict) -> None:
@@ -575,16 +565,6 @@ def _log_logits(items: list[dict], logits: torch.Tensor, ctx: dict) -> None:
         with ctx["timer"].stage("rows"):
             log.append([items[b]["sample"].image_id for b in new], logits[new].double().numpy())
         logged.update(items[b]["sample"].image_id for b in new)
-
-
-def _normalized(src: torch.Tensor, H: int, W: int, ctx: dict) -> np.ndarray:
-    """One explained map in the original pixel space, normalised (docs/evaluation.md §1 steps 1-3):
-    resized with ``--resize`` when the preprocessing kept the whole film, else mapped back through
-    its crop (``Preprocessing.to_original``)."""
-    pre: Preprocessing = ctx["pre"]
-    if not _identity_geometry(pre, H, W):
-        src = pre.to_original(src, H, W)
-    return normalize_map(src, resize_to=(H, W), mode=ctx["resize"], scaling=ctx["scaling"])
 
 
 def _image_rows(it: dict, method: str, b: int, maps: torch.Tensor, resized: Sequence[np.ndarray],
@@ -615,9 +595,7 @@ def _image_rows(it: dict, method: str, b: int, maps: torch.Tensor, resized: Sequ
         mask = _gt_mask(s, g, H, W)
         if k not in scorers:
             with tm.stage("metrics"):
-                a = resized[k]
-                hn = np.asarray(a) if isinstance(a, _Normalized) else normalize_map(a, scaling=ctx["scaling"])
-                scorers[k] = MapScorer(hn)
+                scorers[k] = MapScorer(normalize_map(resized[k], scaling=ctx["scaling"]))
         with tm.stage("metrics"):
             sc = scorers[k].scores(mask, ctx["thresholds"], ctx["empty_region"])
         bx = (g.box.x, g.box.y, g.box.w, g.box.h) if g.box is not None else _bbox_of(mask)

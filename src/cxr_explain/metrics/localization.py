@@ -69,6 +69,30 @@ def _as_mask(m: ArrayLike, shape: tuple[int, ...], name: str = "ground-truth mas
 
 
 # --------------------------------------------------------------------------- normalisation
+def resize_map(h: ArrayLike, resize_to: tuple[int, int] | None = None, mode: str = "bilinear") -> np.ndarray:
+    """Step 1 of :func:`normalize_map`: the map as float32, resized to ``resize_to = (H, W)`` with
+    torch's ``F.interpolate(mode, align_corners=False)`` (``bilinear``, ``bicubic``, ``nearest``,
+    ``area``) when its shape differs."""
+    a = _as_2d(h)
+    if resize_to is not None and tuple(resize_to) != a.shape:
+        t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+        a = resize_maps(t[None], resize_to, mode)[0]
+    return a.astype(np.float32, copy=False)
+
+
+def resize_maps(maps: torch.Tensor, resize_to: tuple[int, int], mode: str = "bilinear") -> np.ndarray:
+    """:func:`resize_map` of N maps of one size at once, ``maps`` (N, h, w) -> (N, H, W) float32: one
+    ``F.interpolate`` call, the same values as one call per map."""
+    if mode not in RESIZE_MODES:
+        raise CxrExplainError(f"unknown resize mode {mode!r}; use one of {', '.join(RESIZE_MODES)}")
+    t = maps.detach().cpu().float()
+    size = (int(resize_to[0]), int(resize_to[1]))
+    if tuple(t.shape[-2:]) != size:
+        kw = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
+        t = F.interpolate(t[:, None], size=size, mode=mode, **kw)[:, 0]
+    return t.numpy()
+
+
 def normalize_map(
     h: ArrayLike,
     resize_to: tuple[int, int] | None = None,
@@ -79,7 +103,7 @@ def normalize_map(
 
     1. Resize to ``resize_to = (H, W)`` (the original image size) with torch's
        ``F.interpolate(mode, align_corners=False)`` -- the same resize for every method
-       (``mode`` in ``bilinear`` (default), ``bicubic``, ``nearest``, ``area``).
+       (``mode`` in ``bilinear`` (default), ``bicubic``, ``nearest``, ``area``; :func:`resize_map`).
     2. Negative values -> 0 ("negative attributions are cast as zero").
     3. Divide by the maximum, so the map lies in [0, 1]; a map with no positive value stays all zero.
 
@@ -87,15 +111,7 @@ def normalize_map(
     normalisation; the same as ``"clip"`` for a map whose minimum is 0; a constant map -> zeros).
     Returns a float32 array of shape ``resize_to`` (or of ``h``'s shape when ``resize_to`` is None).
     """
-    a = _as_2d(h)
-    if resize_to is not None and tuple(resize_to) != a.shape:
-        if mode not in RESIZE_MODES:
-            raise CxrExplainError(f"unknown resize mode {mode!r}; use one of {', '.join(RESIZE_MODES)}")
-        t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))[None, None]
-        kw = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
-        size = (int(resize_to[0]), int(resize_to[1]))
-        a = F.interpolate(t, size=size, mode=mode, **kw)[0, 0].numpy()
-    a = a.astype(np.float32, copy=False)
+    a = resize_map(h, resize_to, mode)
     if a.size and not np.isfinite(a).all():
         raise CxrExplainError("heatmap contains inf/NaN values; check the explanation method's output")
     if scaling == "minmax":
