@@ -26,6 +26,7 @@ from cxr_explain.metrics.localization import (
     region_shares,
     relevance_mass,
     SortedHeatmap,
+    sorted_pixels,
 )
 
 
@@ -468,3 +469,35 @@ def test_sorted_heatmap_counts_and_errors():
         SortedHeatmap(np.array([[0.0, np.nan]]))
     with pytest.raises(CxrExplainError, match="empty_region"):
         sm.iou(empty_region="drop")
+
+
+@pytest.mark.parametrize("kind", ["clipped", "signed", "no zeros", "all zero", "negative zero", "nan", "empty"])
+def test_sorted_pixels_is_numpy_sort(kind):
+    """The sort that skips exact zeros returns np.sort's array: the same values in the same order
+    (-0.0 equal to 0.0), NaN last, for maps with many, few or no zeros."""
+    rng = np.random.default_rng(3)
+    a = rng.normal(size=(64, 80)).astype(np.float32)
+    if kind == "clipped":
+        a = np.maximum(a, 0)
+    elif kind == "signed":
+        a[rng.random(a.shape) < 0.5] = 0
+    elif kind == "all zero":
+        a[:] = 0
+    elif kind == "negative zero":
+        a[a < 0] = -0.0
+    elif kind == "nan":
+        a[a < 0] = 0
+        a[3, 4] = np.nan
+    elif kind == "empty":
+        a = a[:0]
+    got, want = sorted_pixels(a), np.sort(a, axis=None)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    np.testing.assert_array_equal(got, want)
+
+
+def test_relevance_mass_of_the_scorer_equals_the_function():
+    rng = np.random.default_rng(4)
+    h = normalize_map(rng.normal(size=(24, 24)), resize_to=(96, 96))
+    gt = box_mask(10, 50, 20, 70, shape=(96, 96))
+    assert MapScorer(h).scores(gt)["mass"] == pytest.approx(relevance_mass(h, gt), rel=1e-12)
+    assert MapScorer(np.zeros((96, 96), np.float32)).scores(gt)["mass"] == 0.0

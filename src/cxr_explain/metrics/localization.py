@@ -112,7 +112,7 @@ def normalize_map(
     Returns a float32 array of shape ``resize_to`` (or of ``h``'s shape when ``resize_to`` is None).
     """
     a = resize_map(h, resize_to, mode)
-    if a.size and not np.isfinite(a).all():
+    if a.size and not (np.isfinite(a.min()) and np.isfinite(a.max())):  # min / max propagate NaN
         raise CxrExplainError("heatmap contains inf/NaN values; check the explanation method's output")
     if scaling == "minmax":
         lo = float(a.min()) if a.size else 0.0
@@ -126,6 +126,25 @@ def normalize_map(
 
 
 # --------------------------------------------------------------------------- one sort per map
+def sorted_pixels(a: np.ndarray) -> np.ndarray:
+    """``np.sort(a, axis=None)``; when at least 40 % of the pixels are exactly 0 (a normalised map
+    whose raw relevance was negative there, often half of a RAP map) only the non-zero values are
+    sorted and the zeros put back as one block where they belong: the same array (a ``-0.0`` comes
+    back as ``0.0``, which compares equal), 20 -> 16 ms on a 1024² RAP map."""
+    flat = a.ravel()
+    zeros = flat.size - int(np.count_nonzero(flat))
+    if 5 * zeros < 2 * flat.size:
+        return np.sort(flat)
+    nonzero = flat[flat != 0]  # NaN is kept (it sorts last)
+    nonzero.sort()
+    k = int(np.searchsorted(nonzero, 0))
+    out = np.empty_like(flat)
+    out[:k] = nonzero[:k]
+    out[k:k + zeros] = 0
+    out[k + zeros:] = nonzero[k:]
+    return out
+
+
 class SortedHeatmap:
     """A map's pixel values sorted once, and its ground-truth pixels sorted once.
 
@@ -144,7 +163,7 @@ class SortedHeatmap:
         a = _as_2d(h)
         self.array: np.ndarray = a
         self.shape: tuple[int, int] = a.shape
-        self.values: np.ndarray = np.sort(a, axis=None)
+        self.values: np.ndarray = sorted_pixels(a)
         if self.values.size and not np.isfinite(self.values[[0, -1]]).all():  # NaN sorts last
             raise CxrExplainError("heatmap contains inf/NaN values; check the explanation method's output")
         self.has_gt = gt_mask is not None
@@ -374,18 +393,22 @@ class MapScorer:
         a = self.sorted.array
         self._argmax = int(np.argmax(a)) if a.size else 0
         self._points = bool(a.size) and bool(a.flat[self._argmax] > 0)  # hit: a map without a positive value misses
-        self._positive: np.ndarray | None = None
+        self._total: float | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
         return self.sorted.shape
 
-    def _mass(self, gt: np.ndarray) -> float:
-        """:func:`relevance_mass` with ``max(h, 0)`` in float64 and its sum computed once."""
-        if self._positive is None:
-            p = np.maximum(self.sorted.array, 0).astype(np.float64, copy=False)
-            self._positive, self._total = p, p.sum()
-        return float(self._positive[gt].sum() / self._total) if self._total > 0 else 0.0
+    def _mass(self, inside: np.ndarray) -> float:
+        """:func:`relevance_mass` from the sorted values: ``sum(h+ in gt) / sum(h+)`` in float64 over
+        the positive tails of the region's sorted pixels (``inside``) and of the whole map (summed
+        once), with no float64 copy of the map; equal to it up to the order of the sums."""
+        if self._total is None:
+            v = self.sorted.values
+            self._total = float(np.sum(v[np.searchsorted(v, 0, side="right"):], dtype=np.float64))
+        if not self._total > 0:
+            return 0.0
+        return float(np.sum(inside[np.searchsorted(inside, 0, side="right"):], dtype=np.float64) / self._total)
 
     def scores(self, gt_mask: ArrayLike, thresholds: Sequence[float] = PAPER_THRESHOLDS,
                empty_region: str = "zero") -> dict[str, float]:
@@ -400,7 +423,7 @@ class MapScorer:
         row["iou_otsu"] = float(sm.iou((t_otsu,), empty_region)[0])
         empty = not gt.any()
         row["hit"] = float("nan") if empty else (float(gt.flat[self._argmax]) if self._points else 0.0)
-        row["mass"] = float("nan") if empty else self._mass(gt)
+        row["mass"] = float("nan") if empty else self._mass(sm.inside)
         row["rank_acc"] = sm.rank_accuracy()
         row["auprc"] = sm.auprc()
         return row
