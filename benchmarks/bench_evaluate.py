@@ -143,7 +143,7 @@ def main(argv=None) -> int:
     data, ckpt = prepare(args)
     print(f"# bench_evaluate: {args.arch} at {args.input_size} px, methods {' '.join(args.methods)}, "
           f"batch {args.batch_size}, {args.n} films of {args.size}² ({'boxes + masks' if args.masks else 'boxes'}), "
-          f"{args.threads} threads, workers {args.workers}")
+          f"{args.threads} threads, workers {'default' if args.workers is None else args.workers}")
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}, "
           f"load average before: {load_average()}")
     pipes, exps = [], []

@@ -25,7 +25,8 @@ def add_common_arguments(p: argparse.ArgumentParser, n: int, methods: list[str],
     p.add_argument("--checkpoint", default=None, help="a checkpoint instead of random weights")
     p.add_argument("--methods", nargs="+", default=methods, help=methods_help or None)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--workers", type=int, default=0, help="evaluate --workers (DataLoader processes)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="evaluate --workers (DataLoader processes; default: evaluate's own default)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--gen-workers", type=int, default=2, help="processes generating the films")
     p.add_argument("--no-masks", dest="masks", action="store_false", help="boxes only (as NIH)")
@@ -53,8 +54,8 @@ def checkpoint(args) -> Path:
 def evaluate_argv(args, data: Path, ckpt: Path, out: Path) -> list[str]:
     """``cxr-explain evaluate`` arguments of the measured run (``--no-report``, no progress bar)."""
     argv = ["evaluate", "--data", str(data), "--checkpoint", str(ckpt), "--methods", *args.methods,
-            "--out", str(out), "--batch-size", str(args.batch_size), "--workers", str(args.workers),
-            "--max-images", str(args.n), "--no-report", "--no-progress", "--threads", str(args.threads)]
+            "--out", str(out), "--batch-size", str(args.batch_size),
+            *(["--workers", str(args.workers)] if args.workers is not None else []), "--max-images", str(args.n), "--no-report", "--no-progress", "--threads", str(args.threads)]
     if not args.masks:
         argv.append("--no-masks")
     return argv + list(args.extra)

@@ -233,7 +233,8 @@ def test_torchrun_two_ranks_give_one_process_rows(bench, tmp_path):
 
 @pytest.mark.parametrize("bad, says", [(["--methods", "lrpp"], "lrpp"), (["--thresholds", "1.5"], "[0, 1)"),
                                        (["--batch-size", "0"], "--batch-size"), (["--out", "FILE"], "is a file"),
-                                       (["--checkpoint", "NOTCKPT"], "NOTCKPT"), (["--device", "cuda:7"], "cuda")])
+                                       (["--checkpoint", "NOTCKPT"], "NOTCKPT"), (["--device", "cuda:7"], "cuda"),
+                                       (["--workers", "-1"], "--workers -1")])
 def test_bad_options_stop_before_the_model_loads(bench, tmp_path, monkeypatch, capsys, bad, says):
     import cxr_explain.commands as commands
 

@@ -35,7 +35,9 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParse
     p.add_argument("--out", default="cxr-explain-eval", help="results folder (a rerun resumes it)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes for decoding")
+    p.add_argument("--workers", type=int, default=None,
+                   help="DataLoader worker processes for decoding (default: none for under 8 batches, "
+                        "else 1 on the CPU, up to 4 on a GPU)")
     p.add_argument("--split", default=None, help="evaluate only this split (train/val/test); default all")
     p.add_argument("--resize", choices=list(RESIZE_MODES), default="bilinear",
                    help="how maps are resized to the original image (same for every method)")
@@ -182,6 +184,8 @@ def check_evaluate_options(args) -> dict:
         raise CxrExplainError(f"--thresholds {args.thresholds} must lie in [0, 1)")
     if args.batch_size < 1:
         raise CxrExplainError("--batch-size must be at least 1")
+    if getattr(args, "workers", None) is not None and args.workers < 0:
+        raise CxrExplainError(f"--workers {args.workers}: give 0 (decode in the main process) or more")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise CxrExplainError(f"--out {out} is a file; give a folder for the results (it is created if missing)")

@@ -106,21 +106,21 @@ def demo(out_dir: str | Path = "cxr-explain-demo", full: bool = False, device: s
     else:
         ds, results_dir, split = NIHDataset(data, boxed_only=True, findings=findings), out / "results", "test"
     res = evaluate(model, ds, methods=methods, out_dir=results_dir, split=split,
-                   device=device, workers=workers or 0, progress=progress, faithfulness=full,
+                   device=device, workers=workers, progress=progress, faithfulness=full,
                    max_images=limit, batch_size=4)
     cxl_table = None
     if chexlocalize:
         from .evaluation.chexlocalize import run_chexlocalize
 
         cxl_table = run_chexlocalize(model, ds, methods, res, max_images=limit, batch_size=4, device=device,
-                                     workers=workers or 0, progress=progress)
+                                     workers=workers, progress=progress)
     from .evaluation.describe import describe_run
     from .results.run import record_about
 
     from .evaluation.auroc import evaluated_auroc
 
     record_about(res, describe_run(model, ds, checkpoint=None if shipped else checkpoint, shipped=shipped))
-    evaluated_auroc(model, ds, res, batch_size=16, device=device, workers=workers or 0, progress=progress)
+    evaluated_auroc(model, ds, res, batch_size=16, device=device, workers=workers, progress=progress)
     report = write_report(res)
     print(table2_text(res, "all", "mask" if chexlocalize else "box"))
     if cxl_table is not None:

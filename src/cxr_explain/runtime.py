@@ -87,6 +87,29 @@ def set_threads(n: Optional[int]) -> None:
     torch.set_num_threads(int(n))
 
 
+#: A run of fewer batches decodes in its own thread: starting a worker process costs more than it saves.
+AUTO_WORKERS_MIN_BATCHES = 8
+
+
+def loader_workers(requested: Optional[int], n_batches: int, device: "torch.device | str" = "cpu") -> int:
+    """DataLoader worker processes for decoding films (``--workers``); ``requested`` when given.
+
+    The default (None) is none for a run of fewer than :data:`AUTO_WORKERS_MIN_BATCHES` batches or on
+    one core; otherwise one on the CPU, where the engine's threads need the cores and one worker
+    keeps decoding off their path (measured on 2 cores, 300 films: the whole ``evaluate`` 1.20 →
+    1.10–1.16 × the explanations alone, BENCHMARKS.md), and on a GPU one per core but one, at most 4.
+    """
+    if requested is not None:
+        if int(requested) < 0:
+            raise CxrExplainError(f"--workers {requested}: give 0 (decode in the main process) or more")
+        return int(requested)
+    cores = os.cpu_count() or 1
+    if n_batches < AUTO_WORKERS_MIN_BATCHES or cores < 2:
+        return 0
+    kind = device if isinstance(device, str) else device.type
+    return min(4, cores - 1) if str(kind).startswith("cuda") else 1
+
+
 @dataclass
 class Dist:
     """Rank and world size of this process; ``started_here`` when :func:`init_distributed` created

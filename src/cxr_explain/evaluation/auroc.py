@@ -30,20 +30,21 @@ from ..models.checkpoints import weights_sha256
 from ..results.auroc import AUROC_NAME, auroc_settings, write_auroc
 from ..results.folder import ResultsFolder
 from ..results.logits import read_logits
-from ..runtime import resolve_device
+from ..runtime import loader_workers, resolve_device
 
 __all__ = ["evaluated_auroc", "forward_logits"]
 
 
 def forward_logits(model: nn.Module, dataset: Any, indices: list[int], batch_size: int = 32,
-                   device: str = "cpu", workers: int = 0, progress: bool = False) -> np.ndarray:
+                   device: str = "cpu", workers: Optional[int] = None, progress: bool = False) -> np.ndarray:
     """Logits (N, C) of ``model`` on the dataset's images ``indices`` (the spec's preprocessing)."""
     spec = model.cxr_spec
     pre = get_preprocessing(spec.preprocessing, spec.input_size)
     dev = resolve_device(device)
     dtype = next(model.parameters()).dtype
     loader = DataLoader(Subset(dataset.with_preprocessing(pre), indices), batch_size=max(1, int(batch_size)),
-                        shuffle=False, num_workers=max(0, int(workers)))
+                        shuffle=False,
+                        num_workers=loader_workers(workers, -(-len(indices) // max(1, int(batch_size))), dev))
     bar = None
     if progress:
         from ..progress import progress_bar
@@ -62,7 +63,7 @@ def forward_logits(model: nn.Module, dataset: Any, indices: list[int], batch_siz
 
 
 def evaluated_auroc(model: nn.Module, dataset: Any, out_dir: str | os.PathLike[str], *, batch_size: int = 32,
-                    device: str = "cpu", workers: int = 0, n_boot: int = 1000, seed: int = 0,
+                    device: str = "cpu", workers: Optional[int] = None, n_boot: int = 1000, seed: int = 0,
                     progress: bool = False) -> Optional[Path]:
     """AUROC per finding of ``model`` on the films of ``out_dir``'s ``results.csv`` (those of
     ``dataset``), for the model outputs the dataset labels; writes ``auroc.csv``,

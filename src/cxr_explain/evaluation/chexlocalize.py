@@ -35,7 +35,7 @@ from ..metrics.chexlocalize import IOU_MODES, THRESHOLD_GRID, hit_points, score_
 from ..results.chexlocalize import (CUTOFF_CHOICES, HUMAN, RECORD_COLUMNS, RECORDS_NAME, SEGMENTATIONS,
                                     check_settings, chexlocalize_tables, save_settings)
 from ..results.folder import TABLES_DIR
-from ..runtime import resolve_device
+from ..runtime import loader_workers, resolve_device
 from ..results.store import ResultsWriter, read_results
 
 def output_index(model: nn.Module, finding: str) -> Optional[int]:
@@ -97,7 +97,7 @@ def collect_records(
     max_images: Optional[int] = None,
     batch_size: int = 8,
     device: str = "cpu",
-    workers: int = 0,
+    workers: Optional[int] = None,
     progress: bool = True,
     method_options: Optional[dict[str, dict[str, Any]]] = None,
     exclude: Collection[str] = (),
@@ -150,7 +150,8 @@ def collect_records(
     dev = resolve_device(device)
     model = model.to(dev).eval()
     loader = torch.utils.data.DataLoader(_Items(dataset, todo, pre), batch_size=batch_size, shuffle=False,
-                                         num_workers=max(0, int(workers)), collate_fn=_collate)
+                                         num_workers=loader_workers(workers, -(-len(todo) // batch_size), dev),
+                                         collate_fn=_collate)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -238,7 +239,7 @@ def write_chexlocalize_tables(out_dir: str | os.PathLike, segmentation: str = "o
 def run_chexlocalize(model: nn.Module, dataset: Any, methods: Sequence[str], out_dir: str | os.PathLike, *,
                      segmentation: str = "otsu", cutoffs: str = "none", mode: str = "true_positive",
                      split: Optional[str] = None, max_images: Optional[int] = None, batch_size: int = 8,
-                     device: str = "cpu", workers: int = 0, progress: bool = True,
+                     device: str = "cpu", workers: Optional[int] = None, progress: bool = True,
                      method_options: Optional[dict[str, dict[str, Any]]] = None, exclude: Collection[str] = ()) -> Path:
     """Records (scoring every finding of every image when the full set or cut-off tuning needs them;
     with ``split`` and tuning, the ``val`` split is scored too, to tune on), then the tables.

@@ -41,7 +41,7 @@ from ..errors import CxrExplainError, failure_reason
 from ..models.checkpoints import weights_sha256
 from ..metrics.localization import (EMPTY_REGION_MODES, PAPER_THRESHOLDS, RESIZE_MODES, MapScorer, normalize_map,
                                     resize_map, resize_maps)
-from ..runtime import init_distributed, resolve_device
+from ..runtime import init_distributed, loader_workers, resolve_device
 from ..results.maps import map_file as map_file_of
 from ..results.maps import save_maps as write_maps
 from ..results.csvlog import FAILURES_COLUMNS, FAILURES_FILE, CsvLog, merge_logs
@@ -228,7 +228,7 @@ def evaluate(
     out_dir: str | os.PathLike = "cxr-explain-eval",
     batch_size: int = 8,
     device: str = "cpu",
-    workers: int = 0,
+    workers: Optional[int] = None,
     split: Optional[str] = None,
     resize: str = "bilinear",
     empty_region: str = "zero",
@@ -345,7 +345,7 @@ def evaluate(
     pos = {i: k for k, i in enumerate(todo)}
     loader = torch.utils.data.DataLoader(
         _EvalItems(dataset, todo, pre), batch_sampler=[[pos[i] for i in b] for b in plan],
-        num_workers=max(0, int(workers)), collate_fn=_collate, persistent_workers=False,
+        num_workers=loader_workers(workers, len(plan), dev), collate_fn=_collate, persistent_workers=False,
         pin_memory=dev.type == "cuda")
     bar = None
     if progress:
