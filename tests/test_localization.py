@@ -19,6 +19,7 @@ from cxr_explain.metrics.localization import (
     iou_at_thresholds,
     localization_scores,
     MapScorer,
+    OPTIONAL_SCORES,
     normalize_map,
     otsu_iou,
     otsu_threshold,
@@ -451,6 +452,42 @@ def test_one_map_scored_against_many_regions_equals_one_call_per_region(case):
         got = scorer.scores(region, th, kw.get("empty_region", "zero"))
         assert list(got) == list(want)
         np.testing.assert_array_equal(list(got.values()), list(want.values()))
+
+
+@pytest.mark.parametrize("case", range(len(_fixed_cases())))
+@pytest.mark.parametrize("metrics", [("otsu", "hit", "mass"), ("hit",), ("rank",), ()])
+def test_a_subset_of_metrics_gives_the_same_numbers_and_none_for_the_rest(case, metrics):
+    """``evaluate --metrics``: without rank and AUPRC the map is not sorted; IoU (counted directly),
+    Otsu (numpy's histogram) and hit are bit for bit the full row's, mass up to the order of its sum."""
+    raw, gt, kw = _fixed_cases()[case]
+    full = localization_scores(raw, gt, **kw)
+    part = localization_scores(raw, gt, **kw, metrics=metrics)
+    assert list(part) == list(full)
+    kept = [c for m in metrics for c in OPTIONAL_SCORES[m]]
+    for key, value in part.items():
+        if key.startswith("iou@") or key in kept:
+            if key == "mass":
+                np.testing.assert_allclose(value, full[key], rtol=1e-12, atol=0)
+            else:
+                np.testing.assert_array_equal(value, full[key])
+        else:
+            assert value is None, key
+    scorer = MapScorer(normalize_map(raw, resize_to=gt.shape, mode=kw.get("resize", "bilinear"),
+                                     scaling=kw.get("scaling", "clip")), metrics)
+    assert (scorer.sorted.values is None) == ("rank" not in metrics)  # no sort unless rank / AUPRC ask for it
+
+
+def test_an_unsorted_map_refuses_rank_and_auprc_and_unknown_metrics_are_named():
+    h = np.array([[0.5, 0.1, 0.9], [0.5, 0.0, 0.3]], dtype=np.float32)
+    sm = SortedHeatmap(h, np.eye(2, 3, dtype=bool), sort=False)
+    np.testing.assert_array_equal(sm.iou((0.3, 0.9)), SortedHeatmap(h, np.eye(2, 3, dtype=bool)).iou((0.3, 0.9)))
+    for fn in (sm.rank_accuracy, sm.auprc):
+        with pytest.raises(CxrExplainError, match="in order"):
+            fn()
+    with pytest.raises(CxrExplainError, match="unknown metric 'aupr'"):
+        MapScorer(h, ["aupr"])
+    with pytest.raises(CxrExplainError, match="inf/NaN"):
+        SortedHeatmap(np.array([[0.0, np.nan]]), sort=False)
 
 
 def test_sorted_heatmap_counts_and_errors():

@@ -36,6 +36,22 @@ ArrayLike = Union[np.ndarray, torch.Tensor]
 PAPER_THRESHOLDS: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5)
 RESIZE_MODES = ("bilinear", "bicubic", "nearest", "area")
 EMPTY_REGION_MODES = ("zero", "nan")
+#: The scores a results row may carry besides IoU at each T (always computed: the paper's Table 2),
+#: by the name ``evaluate --metrics`` takes, with the columns each fills.
+OPTIONAL_SCORES: dict[str, tuple[str, ...]] = {
+    "otsu": ("otsu_t", "iou_otsu"), "hit": ("hit",), "mass": ("mass",), "rank": ("rank_acc",), "auprc": ("auprc",)}
+#: The scores that need every pixel of the map in order (one sort of a 1024² map is ≈ 80 % of its
+#: scoring time); without them no sort is made.
+SORTED_SCORES = frozenset({"rank", "auprc"})
+
+
+def check_scores(names: Sequence[str]) -> tuple[str, ...]:
+    """``names`` as a tuple in :data:`OPTIONAL_SCORES` order; an unknown name is a CxrExplainError."""
+    bad = [n for n in names if n not in OPTIONAL_SCORES]
+    if bad:
+        raise CxrExplainError(f"unknown metric {bad[0]!r}; choose from {', '.join(OPTIONAL_SCORES)} "
+                              "(IoU at each threshold is always computed)")
+    return tuple(n for n in OPTIONAL_SCORES if n in names)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -156,17 +172,21 @@ class SortedHeatmap:
     ``values``: all pixels ascending; ``inside``: the ground-truth pixels ascending (the map's float
     dtype; integer and bool maps become float32). ``gt_mask=None`` is enough for
     :meth:`otsu_threshold`; the other metrics need the mask.
+
+    ``sort=False`` skips the map's sort (``values`` is None): IoU then counts ``h > T`` directly and
+    Otsu's histogram is ``np.histogram``'s (the same counts, so the same numbers), while
+    :meth:`rank_accuracy` and :meth:`auprc`, which need the order, raise.
     """
 
-    def __init__(self, h: ArrayLike, gt_mask: ArrayLike | None = None) -> None:
+    def __init__(self, h: ArrayLike, gt_mask: ArrayLike | None = None, sort: bool = True) -> None:
         a = _as_2d(h)
         self.array: np.ndarray = a
         self.shape: tuple[int, int] = a.shape
-        self.values: np.ndarray = sorted_pixels(a)
-        if self.values.size and not np.isfinite(self.values[[0, -1]]).all():  # NaN sorts last
+        self.values: np.ndarray | None = sorted_pixels(a) if sort else None
+        if a.size and not np.isfinite(self.values[[0, -1]] if sort else [a.min(), a.max()]).all():  # NaN sorts last
             raise CxrExplainError("heatmap contains inf/NaN values; check the explanation method's output")
         self.has_gt = gt_mask is not None
-        self.inside: np.ndarray = np.sort(a[_as_mask(gt_mask, a.shape)]) if self.has_gt else self.values[:0]
+        self.inside: np.ndarray = np.sort(a[_as_mask(gt_mask, a.shape)]) if self.has_gt else a.ravel()[:0]
 
     def with_gt(self, gt_mask: ArrayLike) -> "SortedHeatmap":
         """The same map against another ground truth: shares the sorted values (no second sort of
@@ -178,7 +198,7 @@ class SortedHeatmap:
 
     @property
     def n(self) -> int:
-        return int(self.values.size)
+        return int(self.array.size)
 
     @property
     def n_gt(self) -> int:
@@ -188,9 +208,14 @@ class SortedHeatmap:
         if not self.has_gt:
             raise CxrExplainError("this SortedHeatmap was built without a ground-truth mask; pass gt_mask")
 
+    def _need_sorted(self, metric: str) -> np.ndarray:
+        if self.values is None:
+            raise CxrExplainError(f"{metric} needs the map's pixels in order; build the SortedHeatmap with sort=True")
+        return self.values
+
     def _cast(self, t: ArrayLike | Sequence[float] | float) -> np.ndarray:
         """Thresholds in the map's precision, as ``h > T`` compares them in numpy."""
-        return np.asarray(t, dtype=np.float64).astype(self.values.dtype)
+        return np.asarray(t, dtype=np.float64).astype(self.array.dtype)
 
     def iou(self, thresholds: Sequence[float] = PAPER_THRESHOLDS, empty_region: str = "zero") -> np.ndarray:
         """``IoU(T) = |{h > T} & gt| / |{h > T} | gt|`` for each T (see :func:`iou_at_thresholds`)."""
@@ -200,7 +225,10 @@ class SortedHeatmap:
         t = self._cast(thresholds)
         if self.n_gt == 0:
             return np.full(t.shape, np.nan)
-        region = self.n - np.searchsorted(self.values, t, side="right")
+        if self.values is None:  # no sort: count each region
+            region = np.array([np.count_nonzero(self.array > x) for x in t.ravel()]).reshape(t.shape)
+        else:
+            region = self.n - np.searchsorted(self.values, t, side="right")
         inter = self.n_gt - np.searchsorted(self.inside, t, side="right")
         out = inter / (region + self.n_gt - inter)
         if empty_region == "nan":
@@ -217,20 +245,23 @@ class SortedHeatmap:
         A constant map returns its value; an empty map raises :class:`CxrExplainError`.
         """
         v = self.values
-        if v.size == 0:
+        if self.n == 0:
             raise CxrExplainError("Otsu's threshold of an empty heatmap is undefined; pass a map with pixels")
-        lo, hi = v[0], v[-1]
+        lo, hi = (v[0], v[-1]) if v is not None else (self.array.min(), self.array.max())
         if not hi > lo:
             return float(lo)
-        edges = np.histogram_bin_edges(v, bins=nbins, range=(lo, hi))
-        counts = np.diff(np.append(np.searchsorted(v, edges[:-1], side="left"), v.size))
+        if v is None:  # scikit-image's own histogram
+            counts, edges = np.histogram(self.array, bins=nbins, range=(lo, hi))
+        else:
+            edges = np.histogram_bin_edges(v, bins=nbins, range=(lo, hi))
+            counts = np.diff(np.append(np.searchsorted(v, edges[:-1], side="left"), v.size))
         centres = (edges[:-1] + edges[1:]) / 2.0
         return float(threshold_otsu(hist=(counts, centres)))
 
     def rank_accuracy(self) -> float:
         """Share of the K = |gt| highest positive pixels inside gt, ties shared (see :func:`rank_accuracy`)."""
         self._need_gt()
-        k, n, v, s = self.n_gt, self.n, self.values, self.inside
+        k, n, v, s = self.n_gt, self.n, self._need_sorted("rank accuracy"), self.inside
         if k == 0:
             return float("nan")
         kth = v[n - k]  # the K-th largest value; max(kth, 0) is the K-th largest of max(h, 0)
@@ -256,7 +287,7 @@ class SortedHeatmap:
         instead of a curve of ~|gt| points per region.
         """
         self._need_gt()
-        s, v = self.inside, self.values
+        s, v = self.inside, self._need_sorted("AUPRC")
         if s.size == 0:
             return float("nan")
         first = np.flatnonzero(np.append(True, s[1:] != s[:-1]))  # start of each run of equal gt values
@@ -385,14 +416,20 @@ class MapScorer:
     searches. ``MapScorer(normalize_map(h, …)).scores(gt, …)`` is :func:`localization_scores`,
     number for number; ``evaluate`` uses it when an image has several boxes (and a mask) of one
     finding, which share one explained map.
+
+    ``metrics``: the :data:`OPTIONAL_SCORES` to compute (default all); the others' columns are None.
+    Without ``rank`` and ``auprc`` the map is not sorted (:data:`SORTED_SCORES`) and a 1024² map
+    costs about a third of the time.
     """
 
-    def __init__(self, h_norm: ArrayLike) -> None:
-        self.sorted = SortedHeatmap(h_norm)
+    def __init__(self, h_norm: ArrayLike, metrics: Sequence[str] = tuple(OPTIONAL_SCORES)) -> None:
+        self.metrics = frozenset(check_scores(metrics))
+        self.sorted = SortedHeatmap(h_norm, sort=bool(self.metrics & SORTED_SCORES))
         a = self.sorted.array
         self._argmax = int(np.argmax(a)) if a.size else 0
         self._points = bool(a.size) and bool(a.flat[self._argmax] > 0)  # hit: a map without a positive value misses
         self._total: float | None = None
+        self._otsu_t: float | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -404,28 +441,43 @@ class MapScorer:
         once), with no float64 copy of the map; equal to it up to the order of the sums."""
         if self._total is None:
             v = self.sorted.values
-            self._total = float(np.sum(v[np.searchsorted(v, 0, side="right"):], dtype=np.float64))
+            if v is None:  # not sorted: the positive pixels summed in place
+                a = self.sorted.array
+                self._total = float(np.sum(a, dtype=np.float64, where=a > 0))
+            else:
+                self._total = float(np.sum(v[np.searchsorted(v, 0, side="right"):], dtype=np.float64))
         if not self._total > 0:
             return 0.0
         return float(np.sum(inside[np.searchsorted(inside, 0, side="right"):], dtype=np.float64) / self._total)
 
     def scores(self, gt_mask: ArrayLike, thresholds: Sequence[float] = PAPER_THRESHOLDS,
                empty_region: str = "zero") -> dict[str, float]:
-        """The row of :func:`localization_scores` for one ground truth (same keys, same numbers)."""
+        """The row of :func:`localization_scores` for one ground truth (same keys, same numbers; None
+        for a metric not asked for)."""
         gt = _as_mask(gt_mask, self.shape)
         sm = self.sorted.with_gt(gt)
-        row: dict[str, float] = {}
+        want = self.metrics
+        row: dict[str, float | None] = {}
         for t, v in zip(thresholds, sm.iou(thresholds, empty_region)):
             row[f"iou@{format(float(t), 'g')}"] = float(v)
-        t_otsu = sm.otsu_threshold()
+        t_otsu = self._otsu() if "otsu" in want else None
         row["otsu_t"] = t_otsu
-        row["iou_otsu"] = float(sm.iou((t_otsu,), empty_region)[0])
+        row["iou_otsu"] = float(sm.iou((t_otsu,), empty_region)[0]) if t_otsu is not None else None
         empty = not gt.any()
-        row["hit"] = float("nan") if empty else (float(gt.flat[self._argmax]) if self._points else 0.0)
-        row["mass"] = float("nan") if empty else self._mass(sm.inside)
-        row["rank_acc"] = sm.rank_accuracy()
-        row["auprc"] = sm.auprc()
+        if "hit" in want:
+            row["hit"] = float("nan") if empty else (float(gt.flat[self._argmax]) if self._points else 0.0)
+        else:
+            row["hit"] = None
+        row["mass"] = (float("nan") if empty else self._mass(sm.inside)) if "mass" in want else None
+        row["rank_acc"] = sm.rank_accuracy() if "rank" in want else None
+        row["auprc"] = sm.auprc() if "auprc" in want else None
         return row
+
+    def _otsu(self) -> float:
+        """Otsu's threshold of the map, computed once whatever the number of regions."""
+        if self._otsu_t is None:
+            self._otsu_t = self.sorted.otsu_threshold()
+        return self._otsu_t
 
 
 def localization_scores(
@@ -436,7 +488,8 @@ def localization_scores(
     resize: str = "bilinear",
     empty_region: str = "zero",
     scaling: str = "clip",
-) -> dict[str, float]:
+    metrics: Sequence[str] = tuple(OPTIONAL_SCORES),
+) -> dict[str, float | None]:
     """All localisation metrics of one (image, finding, method), as one results-table row.
 
     The raw map ``h`` is brought to the original pixel space with :func:`normalize_map`
@@ -444,12 +497,13 @@ def localization_scores(
     ``clip`` (paper) or ``minmax`` (CheXlocalize)), then:
     ``iou@T`` for each T (paper protocol), ``otsu_t`` and ``iou_otsu`` (CheXlocalize), ``hit``,
     ``mass`` (relevance mass), ``rank_acc`` and ``auprc``. Keys are ``iou@0.1``-style with the
-    threshold printed by ``format(T, 'g')``.
+    threshold printed by ``format(T, 'g')``. ``metrics`` limits the scores besides IoU
+    (:data:`OPTIONAL_SCORES`); the others are None.
     """
     gt = np.asarray(gt_mask.detach().cpu().numpy() if isinstance(gt_mask, torch.Tensor) else gt_mask)
     size = tuple(original_size) if original_size is not None else gt.shape[-2:]
     hn = normalize_map(h, resize_to=size, mode=resize, scaling=scaling)
-    return MapScorer(hn).scores(gt, thresholds, empty_region)  # one sort shared by IoU, Otsu, rank, AUPRC
+    return MapScorer(hn, metrics).scores(gt, thresholds, empty_region)  # one sort shared by IoU, Otsu, rank, AUPRC
 
 
 # --------------------------------------------------------------------------- bootstrap
