@@ -16,7 +16,7 @@ from cxr_explain.models import build_model
 from cxr_explain.models.checkpoints import save_checkpoint
 from cxr_explain.models.default import synthetic_model_warning
 from cxr_explain.models.zoo import BENCHMARK_LABELS
-from cxr_explain.results import read_results
+from cxr_explain.results import ROW_KEY, read_results
 
 SIZE = 64  # films and model input: the maps need no resize, the run stays cheap
 
@@ -202,7 +202,6 @@ def test_torchrun_two_ranks_give_one_process_rows(bench, tmp_path):
     import subprocess
     import sys
 
-    from cxr_explain.results import ROW_KEY
 
     args = ["evaluate", "--data", str(bench["data"]), "--checkpoint", str(bench["ckpt"]), "--methods", "cam", "lrp",
             "--max-images", "4", "--batch-size", "2", "--no-progress", "--dtype", "float64", "--chexlocalize",
@@ -261,3 +260,30 @@ def test_a_rerun_with_other_scoring_settings_stops_before_the_model_loads(bench,
     assert _evaluate(bench, out, "--no-report", "--thresholds", "0.3", methods=("cam",)) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "another thresholds" in err and "[0.2]" in err
+
+
+def test_metrics_option_computes_only_the_scores_asked_for_and_a_rerun_must_keep_them(bench, tmp_path, monkeypatch,
+                                                                                      capsys):
+    """``--metrics hit mass``: IoU at every T as always, hit and mass, the other columns empty and
+    left out of the tables; the same films with every metric give the same IoU, hit and mass."""
+    import cxr_explain.commands as commands
+
+    part, full = tmp_path / "part", tmp_path / "full"
+    assert _evaluate(bench, part, "--no-report", "--no-maps", "--metrics", "hit", "mass", methods=("cam",)) == 0
+    assert _evaluate(bench, full, "--no-report", "--no-maps", methods=("cam",)) == 0
+    got, want = (read_results(p / "results.csv").sort_values(ROW_KEY).reset_index(drop=True) for p in (part, full))
+    assert got[["otsu_t", "iou_otsu", "rank_acc", "auprc"]].isna().all().all()
+    assert want[["otsu_t", "iou_otsu", "rank_acc", "auprc"]].notna().all().all()
+    same = [c for c in got.columns if c.startswith("iou@")] + ["hit"]
+    pd.testing.assert_frame_equal(got[same], want[same])
+    np.testing.assert_allclose(got["mass"], want["mass"], rtol=1e-12)
+    table = (part / "tables" / "metrics_all_mask.md").read_text()
+    assert "| mass |" in table and "| AUPRC |" not in table and "| rank acc. |" not in table
+    assert "| AUPRC |" in (full / "tables" / "metrics_all_mask.md").read_text()
+    monkeypatch.setattr(commands, "load_model_from_args", lambda args: pytest.fail("model loaded"))
+    capsys.readouterr()
+    assert _evaluate(bench, part, "--no-report", methods=("cam",)) == 2  # every metric now: not the recorded ones
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "another metrics" in err, err
+    assert _evaluate(bench, part, "--no-report", "--metrics", "auprc2", methods=("cam",)) == 2
+    assert "unknown metric 'auprc2'" in capsys.readouterr().err

@@ -25,3 +25,20 @@ def test_resumed_results_file_opens_no_stray_handle(tmp_path):
         gc.collect()
     assert not [c for c in caught if issubclass(c.category, ResourceWarning)], [str(c.message) for c in caught]
     assert list(read_results(path, COLUMNS)["image_id"]) == ["a", "b"]
+
+
+def test_a_run_record_from_before_the_metrics_setting_means_every_metric(tmp_path):
+    """``run.json`` written before ``--metrics`` existed computed every score: a rerun with the
+    default goes on, one with fewer scores is refused."""
+    import pytest
+
+    from cxr_explain.errors import CxrExplainError
+    from cxr_explain.metrics.localization import OPTIONAL_SCORES
+    from cxr_explain.results.run import FIXED_DEFAULTS, record_run
+
+    assert FIXED_DEFAULTS["metrics"] == list(OPTIONAL_SCORES)
+    old = {"thresholds": [0.1], "model": {"arch": "x"}, "methods": ["cam"]}
+    record_run(tmp_path, dict(old))
+    record_run(tmp_path, {**old, "metrics": list(OPTIONAL_SCORES)})
+    with pytest.raises(CxrExplainError, match="another metrics"):
+        record_run(tmp_path, {**old, "metrics": ["hit"]})

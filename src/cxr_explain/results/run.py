@@ -17,7 +17,9 @@ __all__ = ["RUN_FILE", "FIXED", "ABOUT", "load_run", "record_run", "record_about
 
 RUN_FILE = "run.json"
 #: Settings that every row of one results folder shares.
-FIXED = ("thresholds", "resize", "empty_region", "scaling", "model", "masks", "versus")
+FIXED = ("thresholds", "resize", "empty_region", "scaling", "model", "masks", "versus", "metrics")
+#: What a run record written before a setting existed meant by it (every score was computed).
+FIXED_DEFAULTS = {"metrics": ["otsu", "hit", "mass", "rank", "auprc"]}
 #: Key of the run's description for people (checkpoint file and digest, training data, films, notes):
 #: written after the evaluation by :func:`record_about`, never compared on a rerun.
 ABOUT = "about"
@@ -45,9 +47,9 @@ def record_run(out: Path | str, settings: dict) -> dict:
         except ValueError:
             raise CxrExplainError(f"{p} is not valid JSON; delete it or evaluate into a new --out folder") from None
         for k in FIXED:
-            if old.get(k) != settings.get(k):
+            if old.get(k, FIXED_DEFAULTS.get(k)) != settings.get(k, FIXED_DEFAULTS.get(k)):
                 raise CxrExplainError(
-                    f"{out} holds results made with another {k} ({old.get(k)!r}); "
+                    f"{out} holds results made with another {k} ({old.get(k, FIXED_DEFAULTS.get(k))!r}); "
                     "evaluate into a new --out folder or delete it")
         old_ms, new_ms = old.get("method_settings", {}), settings.get("method_settings", {})
         for m in set(old_ms) & set(new_ms):

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import CxrExplainError
-from ..metrics.localization import bootstrap_mean_ci
+from ..metrics.localization import OPTIONAL_SCORES, bootstrap_mean_ci
 from .analyses import analysis_tables
 from .folder import TABLES_DIR, ResultsFolder
 from .header import arch_text, checkpoint_text, films_text
@@ -147,7 +147,9 @@ def localization_tables(folder: ResultsFolder, n_boot: int = 1000, seed: int = 0
     df = folder.require_results("summarise")
     run = folder.run
     ts = thresholds_of(df)
-    metrics = [iou_column(t) for t in ts] + [m for m in OTHER_METRICS if m in df.columns]
+    chosen = run.get("metrics")  # the scores the run computed (evaluate --metrics); all when not recorded
+    computed = {c for m in (OPTIONAL_SCORES if chosen is None else chosen) for c in OPTIONAL_SCORES.get(m, ())}
+    metrics = [iou_column(t) for t in ts] + [m for m in OTHER_METRICS if m in df.columns and m in computed]
     tables = []
     for subset, sdf in subsets_of(df).items():
         long = summarize(sdf, metrics, n_boot=n_boot, seed=seed)
