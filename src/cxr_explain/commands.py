@@ -46,7 +46,7 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParse
     p.add_argument("--no-masks", action="store_true", help="score boxes only, not exact masks")
     p.add_argument("--metrics", nargs="+", default=list(OPTIONAL_SCORES), metavar="NAME",
                    help=f"scores besides IoU at each T ({' '.join(OPTIONAL_SCORES)}; default all). "
-                        "Without rank and auprc no map is sorted: scoring takes about a third of the time")
+                        "Without rank and auprc no map is sorted: scoring takes about half the time")
     p.add_argument("--no-maps", action="store_true", help="do not save heatmaps (no figures / gallery)")
     p.add_argument("--max-images", type=int, default=None, help="only the first N images with ground truth")
     p.add_argument("--faithfulness", action="store_true",

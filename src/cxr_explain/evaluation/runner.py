@@ -272,8 +272,8 @@ def evaluate(
     ``notes``: warning lines recorded in ``run.json`` (default: the synthetic-model warning when a
     model trained on the synthetic benchmark meets other films). ``metrics``: the scores besides
     IoU at T to compute (:data:`~cxr_explain.metrics.localization.OPTIONAL_SCORES`; default all);
-    the others' columns stay empty. Without ``rank`` and ``auprc`` no map is sorted (about a third
-    of the scoring time).
+    the others' columns stay empty. Without ``rank`` and ``auprc`` no map is sorted (about half
+    the scoring time).
     """
     tm = timer if timer is not None else NO_TIMER
     t_start = time.perf_counter() if tm.enabled else 0.0

@@ -419,7 +419,7 @@ class MapScorer:
 
     ``metrics``: the :data:`OPTIONAL_SCORES` to compute (default all); the others' columns are None.
     Without ``rank`` and ``auprc`` the map is not sorted (:data:`SORTED_SCORES`) and a 1024² map
-    costs about a third of the time.
+    costs about half the time (12 against 27 ms).
     """
 
     def __init__(self, h_norm: ArrayLike, metrics: Sequence[str] = tuple(OPTIONAL_SCORES)) -> None:
