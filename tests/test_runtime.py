@@ -18,7 +18,17 @@ from cxr_explain.runtime import AUTO_WORKERS_MIN_BATCHES, loader_workers
 ])
 def test_default_workers(monkeypatch, cores, batches, device, want):
     monkeypatch.setattr(runtime.os, "cpu_count", lambda: cores)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     assert loader_workers(None, batches, device) == want
+
+
+def test_ranks_on_one_node_share_its_cores(monkeypatch):
+    monkeypatch.setattr(runtime.os, "cpu_count", lambda: 16)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # torchrun --nproc_per_node 8: two cores a rank
+    assert loader_workers(None, 1000, "cuda") == 1
+    monkeypatch.setattr(runtime.os, "cpu_count", lambda: 2)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two ranks on the 2-core CPU: one core each
+    assert loader_workers(None, 1000, "cpu") == 0
 
 
 def test_an_explicit_count_is_kept_and_a_negative_one_refused():

@@ -98,12 +98,13 @@ def loader_workers(requested: Optional[int], n_batches: int, device: "torch.devi
     one core; otherwise one on the CPU, where the engine's threads need the cores and one worker
     keeps decoding off their path (measured on 2 cores, 300 films: the whole ``evaluate`` 1.20 →
     1.10–1.16 × the explanations alone, BENCHMARKS.md), and on a GPU one per core but one, at most 4.
+    Under ``torchrun`` the cores are shared among the node's ranks (``LOCAL_WORLD_SIZE``).
     """
     if requested is not None:
         if int(requested) < 0:
             raise CxrExplainError(f"--workers {requested}: give 0 (decode in the main process) or more")
         return int(requested)
-    cores = os.cpu_count() or 1
+    cores = (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
     if n_batches < AUTO_WORKERS_MIN_BATCHES or cores < 2:
         return 0
     kind = device if isinstance(device, str) else device.type
