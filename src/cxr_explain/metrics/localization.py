@@ -503,7 +503,7 @@ def localization_scores(
     gt = np.asarray(gt_mask.detach().cpu().numpy() if isinstance(gt_mask, torch.Tensor) else gt_mask)
     size = tuple(original_size) if original_size is not None else gt.shape[-2:]
     hn = normalize_map(h, resize_to=size, mode=resize, scaling=scaling)
-    return MapScorer(hn, metrics).scores(gt, thresholds, empty_region)  # one sort shared by IoU, Otsu, rank, AUPRC
+    return MapScorer(hn, metrics).scores(gt, thresholds, empty_region)  # sorted once when rank or AUPRC is asked for
 
 
 # --------------------------------------------------------------------------- bootstrap
